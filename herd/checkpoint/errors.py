@@ -1,0 +1,2 @@
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read or written; the message names the file and, where it applies, the key."""

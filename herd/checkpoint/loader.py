@@ -1,0 +1,123 @@
+"""One loader for both checkpoint layouts, and the matching writer.
+
+Loading builds the model on the meta device (no memory), then streams tensors one at a time from memory-mapped files
+straight into the target dtype and device, so it never holds two full copies of the weights. Every tensor is checked
+against the shapes the config implies; any problem raises ``CheckpointError`` naming the file and the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from herd.checkpoint import hf, meta
+from herd.checkpoint.errors import CheckpointError
+from herd.io import atomic_directory, atomic_write_json
+from herd.model.args import ModelArgs
+from herd.model.transformer import Transformer, rope_inv_freq
+
+GENERATION_CONFIG = "generation_config.json"
+
+
+def detect_format(path: str | Path) -> str:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such directory")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory (expected a model directory)")
+    if (path / hf.CONFIG).exists():
+        return "hf"
+    if (path / meta.PARAMS).exists():
+        return "meta"
+    raise CheckpointError(f"{path}: neither {hf.CONFIG} (Hugging Face) nor {meta.PARAMS} (Meta) found")
+
+
+def read_args(path: str | Path) -> ModelArgs:
+    """The ``ModelArgs`` of a model directory, without touching its weights."""
+    path = Path(path)
+    return (hf if detect_format(path) == "hf" else meta).read_args(path)
+
+
+def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+               ) -> Transformer:
+    """Load a Hugging Face or Meta model directory (format detected) into a ``Transformer``.
+
+    ``dtype=None`` keeps the checkpoint's own dtype (from the tensor headers, not the config's dtype field).
+    """
+    path = Path(path)
+    fmt = detect_format(path)
+    reader = hf if fmt == "hf" else meta
+    config_file = path / (hf.CONFIG if fmt == "hf" else meta.PARAMS)
+    args = reader.read_args(path)
+    with torch.device("meta"):
+        model = Transformer(args)
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
+    optional = {"output.weight"} if args.tie_embeddings else set()  # the tied head is re-tied below
+
+    loaded: dict[str, torch.Tensor] = {}
+    for name, tensor, file in reader.iter_tensors(path, args):
+        if name not in expected:
+            raise CheckpointError(f"{file}: unexpected tensor '{name}' (not part of a {args.n_layers}-layer model "
+                                  f"described by {config_file.name})")
+        if name in optional:
+            continue
+        if tuple(tensor.shape) != expected[name]:
+            raise CheckpointError(f"{file}: tensor '{name}' has shape {tuple(tensor.shape)}, but {config_file} "
+                                  f"implies {expected[name]}")
+        if name in loaded:
+            raise CheckpointError(f"{file}: tensor '{name}' appears twice")
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{file}: tensor '{name}' has non-float dtype {tensor.dtype}")
+        loaded[name] = tensor.to(device=device, dtype=dtype or tensor.dtype)
+    missing = sorted(set(expected) - optional - set(loaded))
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise CheckpointError(f"{path}: missing tensor(s) {', '.join(repr(m) for m in missing[:3])}{more}")
+
+    model.load_state_dict(loaded, strict=False, assign=True)
+    if args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    model.inv_freq = rope_inv_freq(args, device=device)
+    return model
+
+
+def save_model(model: Transformer, path: str | Path, format: str = "hf", *, tokenizer: Any = None,
+               dtype: torch.dtype | None = None, shards: int = 1, max_shard_bytes: int = 5 * 10**9,
+               generation_config: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
+    """Write ``model`` as a model directory in ``format`` ("hf" or "meta"), atomically.
+
+    HF output is ``config.json``, ``model.safetensors`` (sharded with an index above ``max_shard_bytes``) and
+    ``generation_config.json``; Meta output is ``params.json`` and ``shards`` ``consolidated.NN.pth`` files. With a
+    ``tokenizer``, its files (``tokenizer.model`` and ``tokenizer.json`` + config) are saved beside the weights.
+    """
+    if format not in ("hf", "meta"):
+        raise ValueError(f"format must be 'hf' or 'meta', got {format!r}")
+    path = Path(path)
+    args = model.args
+    state = {k: (v if dtype is None else v.to(dtype)).detach().cpu() for k, v in model.state_dict().items()}
+    with atomic_directory(path, overwrite=overwrite) as tmp:
+        if format == "hf":
+            hf.write(state, args, tmp, max_shard_bytes=max_shard_bytes)
+            weight_dtype = next(iter(state.values())).dtype
+            bos = tokenizer.bos_id if tokenizer is not None else None
+            eos = tokenizer.eos_id if tokenizer is not None else None
+            atomic_write_json(tmp / hf.CONFIG, hf.config_from_args(args, weight_dtype, bos, eos))
+            gen = generation_config if generation_config is not None else default_generation_config(tokenizer)
+            if gen:
+                atomic_write_json(tmp / GENERATION_CONFIG, gen)
+        else:
+            meta.write(state, args, tmp, shards=shards)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+    return path
+
+
+def default_generation_config(tokenizer: Any) -> dict[str, Any]:
+    """Meta's sampling defaults (T=0.6, top-p 0.9) and stop ids from the tokenizer (end_of_text, eot, eom)."""
+    if tokenizer is None:
+        return {}
+    return {"bos_token_id": tokenizer.bos_id, "eos_token_id": list(tokenizer.stop_tokens), "do_sample": True,
+            "temperature": 0.6, "top_p": 0.9}
+

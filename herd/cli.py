@@ -1,0 +1,156 @@
+"""``herd <verb>``: each verb is a thin function that parses its arguments and calls the library.
+
+Errors in the user's input (files, keys, configs) print one line naming the culprit and exit with status 2;
+set HERD_DEBUG=1 for the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def _human(n: float, unit: str = "B") -> str:
+    for prefix in ("", "K", "M", "G", "T"):
+        if abs(n) < 1024 or prefix == "T":
+            return f"{n:.2f} {prefix}{unit}" if prefix else f"{n:.0f} {unit}"
+        n /= 1024
+    return f"{n} {unit}"
+
+
+# --- info -------------------------------------------------------------------------------------------------------
+def cmd_info(a: argparse.Namespace) -> None:
+    from herd.checkpoint import read_args
+    from herd.model import flops
+    from herd.model.args import PRESETS, PUBLISHED_PARAMS, ModelArgs
+
+    if a.model.lower() in PRESETS:
+        args, name = ModelArgs.from_name(a.model), a.model.lower()
+    elif Path(a.model).exists():
+        args, name = read_args(a.model), a.model
+    else:
+        raise ValueError(f"{a.model}: neither a preset ({', '.join(PRESETS)}) nor a model directory")
+    seq_len = a.seq_len or min(args.max_seq_len, 8192)
+    n = flops.count_params(args)
+    rows = [
+        ("model", name),
+        ("layers / dim / heads / kv heads", f"{args.n_layers} / {args.dim} / {args.n_heads} / {args.n_kv_heads}"),
+        ("head dim / ffn hidden / vocab", f"{args.hd} / {args.hidden_dim} / {args.vocab_size}"),
+        ("rope", f"theta {args.rope_theta:g}" + (f", llama3 scaling x{args.rope_scaling_factor:g}"
+                                                 if args.use_scaled_rope else ", no scaling")),
+        ("tied embeddings", str(args.tie_embeddings)),
+        ("max sequence length", f"{args.max_seq_len:,}"),
+        ("parameters", f"{n:,}"),
+        ("matmul parameters (N)", f"{flops.matmul_params(args):,}"),
+        (f"training FLOPs / token (seq {seq_len})", f"{flops.train_flops_per_token(args, seq_len):.4g}"),
+        (f"weights ({a.dtype})", _human(flops.weight_bytes(args, a.dtype))),
+        (f"KV cache / token ({a.dtype})", _human(flops.kv_cache_bytes_per_token(args, a.dtype))),
+        (f"KV cache at {seq_len} tokens", _human(flops.kv_cache_bytes_per_token(args, a.dtype) * seq_len)),
+    ]
+    if name in PUBLISHED_PARAMS:
+        rows.append(("published parameters", f"{PUBLISHED_PARAMS[name]:,}"
+                     + (" (matches)" if PUBLISHED_PARAMS[name] == n else " (MISMATCH)")))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
+# --- convert ----------------------------------------------------------------------------------------------------
+def cmd_convert(a: argparse.Namespace) -> None:
+    import json
+
+    from herd.checkpoint import load_model, save_model
+    from herd.tokenizer import Tokenizer
+
+    src = Path(a.src)
+    model = load_model(src, dtype=DTYPES[a.dtype] if a.dtype else None)
+    tokenizer = None
+    for candidate in (src / "tokenizer.model", src / "tokenizer.json", src / "original" / "tokenizer.model"):
+        if candidate.exists():
+            tokenizer = Tokenizer(candidate)
+            break
+    gen = None
+    if (src / "generation_config.json").exists():
+        gen = json.loads((src / "generation_config.json").read_text())
+    save_model(model, a.dst, format=a.to, tokenizer=tokenizer, shards=a.shards, generation_config=gen,
+               max_shard_bytes=int(a.max_shard_gb * 1e9))
+    print(f"wrote {a.to} model to {a.dst}")
+
+
+# --- tokenizer --------------------------------------------------------------------------------------------------
+def cmd_tokenizer_train(a: argparse.Namespace) -> None:
+    from herd.tokenizer.train import train_and_save
+
+    tok = train_and_save(a.input, a.vocab_size, a.out, progress=not a.quiet)
+    print(f"wrote tokenizer with {len(tok.ranks)} BPE ranks + {len(tok.special_tokens)} special tokens to {a.out}")
+
+
+def cmd_tokenizer_stats(a: argparse.Namespace) -> None:
+    from herd.tokenizer.stats import run_stats
+
+    run_stats(a.tokenizer, a.input, spm_vocab=a.sentencepiece_vocab, out_json=a.json)
+
+
+# --- parser -----------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="herd", description="The Llama 3 system in PyTorch.")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    s = sub.add_parser("info", help="parameters, FLOPs per token, memory of a preset or model directory")
+    s.add_argument("model", help="preset name (e.g. llama3-8b) or model directory")
+    s.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16", "fp8", "int8"])
+    s.add_argument("--seq-len", type=int, default=None, help="sequence length for the attention FLOPs / KV figures")
+    s.set_defaults(fn=cmd_info)
+
+    s = sub.add_parser("convert", help="convert a model directory between HF and Meta layouts")
+    s.add_argument("src")
+    s.add_argument("dst")
+    s.add_argument("--to", required=True, choices=["hf", "meta"])
+    s.add_argument("--shards", type=int, default=1, help="model-parallel shards for --to meta")
+    s.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast weights (default: keep)")
+    s.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size for --to hf")
+    s.set_defaults(fn=cmd_convert)
+
+    tok = sub.add_parser("tokenizer", help="train or measure tokenizers").add_subparsers(
+        dest="tok_verb", required=True, metavar="VERB")
+    s = tok.add_parser("train", help="train a byte-level BPE with Llama 3's pre-tokenization")
+    s.add_argument("--input", nargs="+", required=True, help="txt / jsonl / parquet files or directories")
+    s.add_argument("--vocab-size", type=int, required=True, help="BPE ranks to learn (256 special tokens are added)")
+    s.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=cmd_tokenizer_train)
+    s = tok.add_parser("stats", help="bytes per token and tokens per word, per file, for one or more tokenizers")
+    s.add_argument("--tokenizer", action="append", required=True, help="rank file or directory (repeatable)")
+    s.add_argument("--input", nargs="+", required=True)
+    s.add_argument("--sentencepiece-vocab", type=int, default=None,
+                   help="also train a Llama-2-style SentencePiece BPE of this size on the input and compare")
+    s.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    s.set_defaults(fn=cmd_tokenizer_stats)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from herd.checkpoint import CheckpointError
+    from herd.data.readers import DataError
+    from herd.tokenizer import TokenizerError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except (CheckpointError, TokenizerError, DataError, ValueError, FileExistsError, FileNotFoundError) as e:
+        if os.environ.get("HERD_DEBUG"):
+            raise
+        print(f"herd: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
