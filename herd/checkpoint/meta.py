@@ -7,9 +7,13 @@ replicated. Merging concatenates in rank order; splitting chunks the same way.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
+import mmap
 import pickle
 import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +26,9 @@ from herd.model.args import ModelArgs
 
 PARAMS = "params.json"
 _SHARD_RE = re.compile(r"consolidated\.(\d+)\.pth")
-_IGNORED = {"rope.freqs"}  # carried by Llama 1/2 checkpoints; recomputed, never loaded
+_IGNORED = {"rope.freqs"}
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform.startswith("linux") else None
+_PAGE = mmap.PAGESIZE  # carried by Llama 1/2 checkpoints; recomputed, never loaded
 
 
 def split_dim(name: str) -> int | None:
@@ -67,6 +73,21 @@ def _load_shard(file: Path) -> dict[str, Tensor]:
         raise CheckpointError(f"{file}: cannot read checkpoint shard, corrupt or truncated ({e})") from None
 
 
+def _release_pages(t: Tensor) -> None:
+    """Drop a memory-mapped source tensor's pages from our resident set once it has been copied.
+
+    The shards are mapped privately and never written, so MADV_DONTNEED only forgets pages the kernel can re-read
+    from the file. Without it, merging N shards would keep every shard's pages resident next to the merged copy.
+    """
+    if _libc is None or t.numel() == 0:
+        return
+    start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    start = (start + _PAGE - 1) // _PAGE * _PAGE  # only whole pages inside the tensor
+    end = end // _PAGE * _PAGE
+    if end > start:
+        _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # 4 = MADV_DONTNEED
+
+
 def iter_tensors(path: Path, args: ModelArgs) -> Iterator[tuple[str, Tensor, str]]:
     """Yield ``(name, merged tensor, file)``; shards are memory-mapped and merged one tensor at a time."""
     files = shard_files(path)
@@ -80,16 +101,27 @@ def iter_tensors(path: Path, args: ModelArgs) -> Iterator[tuple[str, Tensor, str
             raise CheckpointError(f"{file}: key '{key}' is {'unexpected' if extra else 'missing'} "
                                   f"(shards disagree with {files[0].name})")
     for name in names:
+        if name == "output.weight" and args.tie_embeddings:
+            continue  # tied checkpoints still store the head; it is re-tied to the embedding, never merged
         dim = split_dim(name)
         pieces = [s[name] for s in shards]
         if dim is None or len(pieces) == 1:
             yield name, pieces[0], str(files[0])
             continue
-        try:
-            yield name, torch.cat(pieces, dim=dim), str(files[0])
-        except RuntimeError:
-            shapes = [tuple(p.shape) for p in pieces]
-            raise CheckpointError(f"{path}: shards of '{name}' cannot be joined on dim {dim}: {shapes}") from None
+        shapes = [tuple(p.shape) for p in pieces]
+        if any(len(sh) != len(shapes[0]) or sh[:dim] + sh[dim + 1:] != shapes[0][:dim] + shapes[0][dim + 1:]
+               for sh in shapes):
+            raise CheckpointError(f"{path}: shards of '{name}' cannot be joined on dim {dim}: {shapes}")
+        # Copy shard by shard, dropping each source's pages as soon as it is copied: the peak stays at the merged
+        # tensor plus one piece, not plus all of them.
+        merged = torch.empty(shapes[0][:dim] + (sum(sh[dim] for sh in shapes),) + shapes[0][dim + 1:],
+                             dtype=pieces[0].dtype)
+        offset = 0
+        for piece in pieces:
+            merged.narrow(dim, offset, piece.size(dim)).copy_(piece)
+            offset += piece.size(dim)
+            _release_pages(piece)
+        yield name, merged, str(files[0])
 
 
 def write(state: dict[str, Tensor], args: ModelArgs, out: Path, shards: int = 1) -> None:

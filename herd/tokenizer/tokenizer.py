@@ -29,6 +29,7 @@ NUM_SPECIAL = 256
 MAX_CHARS = 400_000  # tiktoken can panic on huge inputs (tiktoken issue #195); Meta encodes in windows of this size
 MAX_RUN = 25_000  # ... and cuts runs of whitespace / non-whitespace longer than this
 _LONG_RUN = re.compile(rf"\s{{{MAX_RUN + 1},}}|\S{{{MAX_RUN + 1},}}")
+_RUN = re.compile(r"\s+|\S+")
 
 RANKS_FILE = "tokenizer.model"
 HF_FILE = "tokenizer.json"
@@ -213,6 +214,9 @@ class Tokenizer:
         if not isinstance(text, str):
             raise TypeError(f"encode expects str, got {type(text).__name__}")
         allowed = allowed_special if allowed_special == "all" else set(allowed_special)
+        if not (bos or eos or allowed) and (len(text) <= MAX_RUN or (len(text) <= MAX_CHARS and
+                                                                     not _may_have_long_run(text))):
+            return self.model.encode_ordinary(text)  # the common case, without copying the id list
         ids = [self.bos_id] if bos else []
         for piece in _chunks(text):
             if allowed:
@@ -225,13 +229,19 @@ class Tokenizer:
 
     def encode_batch(self, texts: Sequence[str], bos: bool = False, eos: bool = False,
                      num_threads: int = 8) -> list[list[int]]:
-        """Encode many texts on ``num_threads`` threads (tiktoken releases the GIL)."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        if num_threads <= 1 or len(texts) < 2:
-            return [self.encode(t, bos, eos) for t in texts]
-        with ThreadPoolExecutor(num_threads) as pool:
-            return list(pool.map(lambda t: self.encode(t, bos, eos), texts))
+        """Encode many texts on ``num_threads`` threads (tiktoken's batch call; it releases the GIL)."""
+        chunked = [list(_chunks(t)) for t in texts]
+        flat = self.model.encode_ordinary_batch([c for cs in chunked for c in cs], num_threads=num_threads)
+        out, i = [], 0
+        for cs in chunked:
+            ids = flat[i] if len(cs) == 1 else [t for part in flat[i:i + len(cs)] for t in part]
+            i += len(cs)
+            if bos:
+                ids.insert(0, self.bos_id)
+            if eos:
+                ids.append(self.eos_id)
+            out.append(ids)
+        return out
 
     # --- decoding ---
     def decode(self, ids: Sequence[int]) -> str:
@@ -282,22 +292,29 @@ class StreamDecoder:
         return self._utf8.decode(b"", final=True)
 
 
+def _may_have_long_run(text: str) -> bool:
+    """Cheap necessary condition for a run longer than MAX_RUN: such a run covers two consecutive multiples of
+    MAX_RUN // 2, so checking one short regex match per 12,500 characters is enough to rule it out."""
+    step = MAX_RUN // 2
+    for i in range(0, len(text) - step, step):
+        if _RUN.match(text, i, i + step + 1).end() == i + step + 1:
+            return True
+    return False
+
+
 def _chunks(text: str) -> Iterable[str]:
     """Meta's chunking: 400k-character windows, then cuts so that no run of whitespace or non-whitespace exceeds 25k
-    characters. Ordinary text (no such run) passes through whole, found with one C-speed regex scan."""
-    if len(text) <= MAX_RUN:
+    characters. Ordinary text (no such run) passes through whole after a cheap check."""
+    if len(text) <= MAX_RUN or (len(text) <= MAX_CHARS and not _may_have_long_run(text)):
         yield text
         return
     for start in range(0, len(text), MAX_CHARS):
         window = text[start:start + MAX_CHARS]
         cuts = []
-        for m in _LONG_RUN.finditer(window):
-            run_start = m.start()
-            # Meta restarts its run counter at each cut, so cuts fall every MAX_RUN characters inside the run.
-            cuts.extend(range(run_start + MAX_RUN, m.end(), MAX_RUN))
-        if not cuts:
-            yield window
-            continue
+        if _may_have_long_run(window):
+            for m in _LONG_RUN.finditer(window):
+                # Meta restarts its run counter at each cut, so cuts fall every MAX_RUN characters inside the run.
+                cuts.extend(range(m.start() + MAX_RUN, m.end(), MAX_RUN))
         prev = 0
         for c in cuts:
             yield window[prev:c]
