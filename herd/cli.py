@@ -98,6 +98,48 @@ def cmd_tokenizer_stats(a: argparse.Namespace) -> None:
     run_stats(a.tokenizer, a.input, spm_vocab=a.sentencepiece_vocab, out_json=a.json)
 
 
+# --- data, pretraining, plots ------------------------------------------------------------------------------------
+def cmd_data_tokenize(a: argparse.Namespace) -> None:
+    from herd.data.shards import tokenize_to_shards
+
+    m = tokenize_to_shards(a.input, a.tokenizer, a.out, workers=a.workers, progress=not a.quiet)
+    print(f"wrote {m['n_tokens']:,} tokens in {m['n_docs']:,} documents ({len(m['shards'])} shard(s)) to {a.out}")
+
+
+def cmd_pretrain(a: argparse.Namespace, overrides: list[str]) -> None:
+    from herd.config import load_config
+    from herd.train.pretrain import pretrain
+
+    pretrain(load_config(a.config, overrides), a.run_dir)
+
+
+def cmd_plot(a: argparse.Namespace) -> None:
+    from herd.train.plot import plot_run
+
+    print(f"wrote {plot_run(a.run_dir, a.out)}")
+
+
+# --- generation -------------------------------------------------------------------------------------------------
+def cmd_generate(a: argparse.Namespace) -> None:
+    import json
+
+    from herd.checkpoint import load_model
+    from herd.inference.generate import generate
+    from herd.tokenizer import Tokenizer
+
+    model = load_model(a.model, dtype=torch.float32).eval()
+    tok = Tokenizer(a.model)
+    stop = tok.stop_tokens
+    gen_cfg = Path(a.model) / "generation_config.json"
+    if gen_cfg.exists():
+        eos = json.loads(gen_cfg.read_text()).get("eos_token_id", stop)
+        stop = eos if isinstance(eos, list) else [eos]
+    prompt = tok.encode(a.prompt, bos=True)
+    out = generate(model, [prompt], a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+                   stop_ids=stop, seed=a.seed)[0]
+    print(a.prompt + tok.decode(out))
+
+
 # --- parser -----------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="herd", description="The Llama 3 system in PyTorch.")
@@ -133,6 +175,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also train a Llama-2-style SentencePiece BPE of this size on the input and compare")
     s.add_argument("--json", default=None, help="also write the figures to this JSON file")
     s.set_defaults(fn=cmd_tokenizer_stats)
+
+    data = sub.add_parser("data", help="data preparation").add_subparsers(dest="data_verb", required=True,
+                                                                         metavar="VERB")
+    s = data.add_parser("tokenize", help="tokenize documents into token shards (BOS/EOS per document)")
+    s.add_argument("--input", nargs="+", required=True, help="txt / jsonl / parquet files or directories")
+    s.add_argument("--tokenizer", required=True, help="rank file, tokenizer.json or a directory holding one")
+    s.add_argument("--out", required=True)
+    s.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: CPUs, at most 8)")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=cmd_data_tokenize)
+
+    s = sub.add_parser("pretrain", help="pretrain a model; resumes from the run directory's latest checkpoint",
+                       description="Extra --section.key=value arguments override the config file.")
+    s.add_argument("--config", default=None, help="TOML file (see configs/)")
+    s.add_argument("--run-dir", required=True)
+    s.set_defaults(fn=cmd_pretrain, takes_overrides=True)
+
+    s = sub.add_parser("plot", help="PNG curves of a run (loss, learning rate, throughput)")
+    s.add_argument("run_dir")
+    s.add_argument("--out", default=None, help="output PNG (default RUN_DIR/curves.png)")
+    s.set_defaults(fn=cmd_plot)
+
+    s = sub.add_parser("generate", help="complete a prompt with a model directory")
+    s.add_argument("--model", required=True)
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
+    s.add_argument("--top-p", type=float, default=0.9)
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--seed", type=int, default=None)
+    s.set_defaults(fn=cmd_generate)
     return p
 
 
@@ -141,9 +214,15 @@ def main(argv: list[str] | None = None) -> int:
     from herd.data.readers import DataError
     from herd.tokenizer import TokenizerError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "takes_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        args.fn(args)
+        if getattr(args, "takes_overrides", False):
+            args.fn(args, extra)
+        else:
+            args.fn(args)
     except (CheckpointError, TokenizerError, DataError, ValueError, FileExistsError, FileNotFoundError) as e:
         if os.environ.get("HERD_DEBUG"):
             raise

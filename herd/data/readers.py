@@ -16,14 +16,22 @@ class DataError(ValueError):
     """Unreadable input; the message names the file (and line)."""
 
 
+# Skipped when a directory is expanded (a file named directly is always read).
+BINARY_SUFFIXES = {".pyc", ".pyo", ".so", ".o", ".a", ".dll", ".exe", ".png", ".jpg", ".jpeg", ".gif", ".ico", ".gz",
+                   ".zip", ".xz", ".bz2", ".tar", ".bin", ".npy", ".pt", ".pth", ".safetensors", ".wav", ".pdf"}
+
+
 def expand_inputs(inputs: Iterable[str | Path], suffixes: tuple[str, ...] | None = None) -> list[Path]:
-    """Files named directly, plus the files under named directories (recursively, sorted; hidden ones skipped)."""
+    """Files named directly, plus the files under named directories (recursively, sorted), skipping hidden files,
+    ``__pycache__`` and binary suffixes."""
     files: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
             found = sorted(p for p in path.rglob("*")
-                           if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+                           if p.is_file() and p.suffix.lower() not in BINARY_SUFFIXES
+                           and not any(part.startswith(".") or part == "__pycache__"
+                                       for part in p.relative_to(path).parts))
             files += [p for p in found if suffixes is None or p.suffix in suffixes]
         elif path.is_file():
             files.append(path)

@@ -1,0 +1,182 @@
+"""Run configuration: plain dataclasses are the schema, TOML files fill them, ``--section.key=value`` overrides.
+
+Unknown sections or keys and values of the wrong type are errors that name the file and key. The resolved
+configuration is written to the run directory (``config.toml``) so a run can always be reproduced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the file / key."""
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"  # a ModelArgs preset; the fields below override it when set
+    dim: int | None = None
+    n_layers: int | None = None
+    n_heads: int | None = None
+    n_kv_heads: int | None = None
+    vocab_size: int | None = None  # None: the vocabulary of the tokenizer recorded in the shards
+    multiple_of: int | None = None
+    ffn_dim_multiplier: float | None = None
+    max_seq_len: int | None = None
+    rope_theta: float | None = None
+    tie_embeddings: bool | None = None
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # a directory written by `herd data tokenize`
+    tokenizer: str = ""  # optional: must match the tokenizer recorded in the shards
+    seq_len: int = 8192  # tokens per training sequence (Llama 3: 8192)
+    batch_size: int = 8  # sequences per optimizer step (global, summed over accumulation and data-parallel ranks)
+    document_masking: bool = True  # attention never crosses a document boundary
+    # RoPE positions restart at each document. Default False: Meta describes masking only, and absolute positions
+    # keep the model's view of position identical between packed training and single-document inference prefixes.
+    per_document_positions: bool = False
+    val_fraction: float = 0.01  # the last documents (this fraction) are held out for validation
+    seed: int = 0  # shuffles the document order (a new permutation every epoch)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # the decay ends at lr * min_lr_ratio
+    warmup_steps: int = 100
+    decay: str = "cosine"  # cosine | linear
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    grad_accum: int = 1  # micro-batches per step (batch_size must divide evenly)
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    activation_checkpointing: str = "none"  # none | full (every block) | selective (every other block)
+    compile: bool = False  # torch.compile each block
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 0  # model initialisation
+    val_interval: int = 0  # steps between validation passes (0: only at the end)
+    val_batches: int = 4
+    peak_flops: float = 0.0  # FLOP/s for MFU; 0: known-device table, or a measured matmul peak on CPU
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 0  # steps between checkpoints; 0: only at the end
+    keep: int = 2  # most recent checkpoints kept
+    export_hf: bool = True  # write the final model as an HF-layout directory (run_dir/model) with its tokenizer
+
+
+@dataclass
+class LogConfig:
+    progress: bool = True  # a progress bar with rate and ETA
+    tensorboard: bool = True  # TensorBoard events when the package is installed
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+# --- loading ----------------------------------------------------------------------------------------------------
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check / convert ``value`` to the annotated type ``tp`` (int, float, bool, str and Optional of those)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = [t for t in typing.get_args(tp) if t is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(value, options[0], where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+            return value.lower() in ("true", "1")
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def _apply(section_obj: Any, values: dict[str, Any], where: str) -> None:
+    hints = typing.get_type_hints(type(section_obj))
+    names = {f.name for f in dataclasses.fields(section_obj)}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"{where}: unknown key '{key}' (known: {', '.join(sorted(names))})")
+        setattr(section_obj, key, _coerce(value, hints[key], f"{where}.{key}"))
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), cls: type = PretrainConfig) -> Any:
+    cfg = cls()
+    sections = {f.name for f in dataclasses.fields(cfg)}
+    if path is not None:
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML ({e})") from None
+        for name, values in data.items():
+            if name not in sections or not isinstance(values, dict):
+                raise ConfigError(f"{path}: unknown section [{name}] (known: {', '.join(sorted(sections))})")
+            _apply(getattr(cfg, name), values, f"{path}: {name}")
+    for item in overrides:
+        if not item.startswith("--") or "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"override {item!r}: expected --section.key=value")
+        dotted, value = item[2:].split("=", 1)
+        section, key = dotted.split(".", 1)
+        if section not in sections:
+            raise ConfigError(f"override {item!r}: unknown section '{section}' (known: {', '.join(sorted(sections))})")
+        _apply(getattr(cfg, section), {key: value}, f"override --{section}")
+    return cfg
+
+
+def to_toml(cfg: Any) -> str:
+    """Render a config as TOML (None values are omitted, which restores them to None on load)."""
+    lines = []
+    for f in dataclasses.fields(cfg):
+        lines.append(f"[{f.name}]")
+        for key, value in dataclasses.asdict(getattr(cfg, f.name)).items():
+            if value is not None:
+                lines.append(f"{key} = {json.dumps(value)}")
+        lines.append("")
+    return "\n".join(lines)

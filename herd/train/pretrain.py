@@ -1,0 +1,224 @@
+"""Pretraining, readable top to bottom: data -> model -> optimizer -> resume -> loop -> export.
+
+``herd pretrain --config FILE.toml --run-dir DIR [--section.key=value ...]``. The run directory holds the resolved
+config, ``metrics.jsonl``, TensorBoard events (when installed), ``checkpoints/step-N`` (DCP) and, at the end, the
+model in HF layout (``model/``) with its tokenizer. Starting again in the same directory resumes from the latest
+checkpoint with the same data order, RNG state and loss trajectory (bit-identical on CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from herd.checkpoint import save_model
+from herd.config import ConfigError, PretrainConfig, to_toml
+from herd.data.loader import Batch, PackedLoader, split_documents
+from herd.data.shards import TokenShards
+from herd.io import atomic_write_text
+from herd.model import flops
+from herd.model.args import ModelArgs
+from herd.model.masks import document_block_mask, document_causal_mask
+from herd.model.transformer import Transformer
+from herd.tokenizer import Tokenizer
+from herd.train import checkpointing
+from herd.train.metrics import MetricsLogger
+from herd.train.optim import build_optimizer, lr_at
+from herd.train.parallelize import prepare_for_training
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device = 'cuda' but no CUDA device is available")
+    if name not in ("cpu", "cuda"):
+        raise ConfigError(f"train.device must be auto, cpu or cuda, got {name!r}")
+    return torch.device(name)
+
+
+def build_model_args(cfg: PretrainConfig, vocab_size: int) -> ModelArgs:
+    try:
+        overrides = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k != "preset" and v is not None}
+        overrides.setdefault("vocab_size", vocab_size)
+        args = ModelArgs.from_name(cfg.model.preset, **overrides)
+    except (KeyError, ValueError) as e:
+        raise ConfigError(f"model: {e}") from None
+    if args.vocab_size < vocab_size:
+        raise ConfigError(f"model.vocab_size={args.vocab_size} is smaller than the tokenizer's {vocab_size} ids")
+    if cfg.data.seq_len > args.max_seq_len:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the model's max_seq_len={args.max_seq_len}")
+    return args
+
+
+def attention_inputs(batch: Batch, cfg: PretrainConfig, device: torch.device):
+    """(mask, positions) for one micro-batch: document masking and per-document RoPE positions if configured."""
+    mask = None
+    if cfg.data.document_masking:
+        doc_ids = batch.doc_ids.to(device)
+        # FlexAttention has no backward on CPU: use the dense SDPA mask there (same values, tested against each other).
+        mask = document_block_mask(doc_ids) if device.type == "cuda" else document_causal_mask(doc_ids)
+    positions = batch.positions.to(device) if cfg.data.per_document_positions else None
+    return mask, positions
+
+
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+def peak_flops_for(device: torch.device, dtype: torch.dtype, cfg: PretrainConfig) -> tuple[float | None, str]:
+    """The MFU denominator and where it came from. An unknown GPU gets none, never a silent guess."""
+    if cfg.train.peak_flops > 0:
+        return cfg.train.peak_flops, "config"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = flops.lookup_peak_flops(name, "bf16" if dtype == torch.bfloat16 else "fp32")
+        return peak, f"table ({name})" if peak else f"unknown device {name!r}: set train.peak_flops for MFU"
+    return flops.measure_peak_flops("cpu", dtype if dtype == torch.bfloat16 else torch.float32), "measured matmul"
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, loader: PackedLoader, cfg: PretrainConfig, device: torch.device, autocast) -> float:
+    """Mean loss over the first ``val_batches`` validation batches (always the same ones: no zig-zag)."""
+    loader.windows_consumed = 0
+    losses = []
+    for _ in range(cfg.train.val_batches):
+        (batch,) = loader.next_batch()
+        mask, positions = attention_inputs(batch, cfg, device)
+        with autocast():
+            logits = model(batch.inputs.to(device), positions=positions, mask=mask)
+        losses.append(loss_fn(logits, batch.targets.to(device)).item())
+    return sum(losses) / len(losses)
+
+
+def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> list[dict]:
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    tc = cfg.train
+
+    # --- data -----------------------------------------------------------------------------------------------
+    if not cfg.data.path:
+        raise ConfigError("data.path is not set (a directory written by `herd data tokenize`)")
+    shards = TokenShards.open(cfg.data.path)
+    tokenizer = Tokenizer(shards.path)
+    if cfg.data.tokenizer:
+        configured = Tokenizer(cfg.data.tokenizer)
+        if configured.fingerprint() != shards.manifest["tokenizer"]:
+            raise ConfigError(f"data.tokenizer {cfg.data.tokenizer} (hash {configured.fingerprint()}) is not the "
+                              f"tokenizer the shards in {cfg.data.path} were made with "
+                              f"(hash {shards.manifest['tokenizer']})")
+    if tc.grad_accum < 1 or cfg.data.batch_size % tc.grad_accum:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not divisible by train.grad_accum={tc.grad_accum}")
+    train_docs, val_docs = split_documents(shards, cfg.data.val_fraction)
+    train_loader = PackedLoader(shards, train_docs, cfg.data.seq_len, cfg.data.batch_size, cfg.data.seed)
+    val_loader = (PackedLoader(shards, val_docs, cfg.data.seq_len, cfg.data.batch_size // tc.grad_accum,
+                               cfg.data.seed, shuffle=False) if len(val_docs) and tc.val_batches > 0 else None)
+
+    # --- model and optimizer --------------------------------------------------------------------------------
+    device = resolve_device(tc.device)
+    if tc.dtype not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"train.dtype must be auto, fp32 or bf16, got {tc.dtype!r}")
+    if tc.decay not in ("cosine", "linear"):
+        raise ConfigError(f"train.decay must be cosine or linear, got {tc.decay!r}")
+    use_bf16 = tc.dtype == "bf16" or (tc.dtype == "auto" and device.type == "cuda")
+    compute_dtype = torch.bfloat16 if use_bf16 else torch.float32
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    args = build_model_args(cfg, tokenizer.n_words)
+    model = Transformer(args)
+    model.init_weights(seed=tc.seed)  # parameters stay fp32; bf16 comes from autocast
+    model.to(device)
+    prepare_for_training(model, tc)
+    optimizer = build_optimizer(model, tc)
+
+    # --- resume ---------------------------------------------------------------------------------------------
+    ckpt_root = run_dir / "checkpoints"
+    start_step = 0
+    checkpointing.remove_incomplete(ckpt_root)
+    latest = checkpointing.latest_checkpoint(ckpt_root)
+    if latest is not None:
+        state = checkpointing.load_checkpoint(latest, model, optimizer)
+        train_loader.load_state_dict(state["loader"])
+        checkpointing.set_rng_state(state["rng"])
+        start_step = state["step"]
+        print(f"resumed from {latest} (step {start_step})")
+    atomic_write_text(run_dir / "config.toml", to_toml(cfg))
+
+    # --- loop -----------------------------------------------------------------------------------------------
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    flops_per_token = flops.train_flops_per_token(args, cfg.data.seq_len)
+    peak, peak_source = peak_flops_for(device, compute_dtype, cfg)
+    logger = MetricsLogger(run_dir, resume_step=start_step, tensorboard=cfg.log.tensorboard)
+    print(f"model: {flops.count_params(args):,} parameters on {device} ({compute_dtype}); "
+          f"{tokens_per_step:,} tokens/step; MFU peak: {peak_source}")
+    records = []
+    bar = tqdm(total=tc.steps, initial=start_step, desc="pretrain", unit="step", disable=not cfg.log.progress,
+               dynamic_ncols=True)
+    model.train()
+    for step in range(start_step, tc.steps):
+        t0 = time.perf_counter()
+        lr = lr_at(step, tc)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = 0.0
+        for batch in train_loader.next_batch(tc.grad_accum):
+            mask, positions = attention_inputs(batch, cfg, device)
+            with autocast():
+                logits = model(batch.inputs.to(device), positions=positions, mask=mask)
+            loss = loss_fn(logits, batch.targets.to(device)) / tc.grad_accum
+            loss.backward()
+            loss_sum += loss.item()
+        if not math.isfinite(loss_sum):
+            raise FloatingPointError(f"step {step + 1}: loss is {loss_sum}; stopping rather than training on it")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else
+                                                   float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        tps = tokens_per_step / dt
+        record = {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm.item(),
+                  "tokens_per_s": tps, "step_time_s": dt, "mfu": flops_per_token * tps / peak if peak else None,
+                  "memory_gb": _memory_gb(device), "tokens_seen": (step + 1) * tokens_per_step}
+        is_last = step + 1 == tc.steps
+        if val_loader is not None and (is_last or (tc.val_interval and (step + 1) % tc.val_interval == 0)):
+            model.eval()
+            record["val_loss"] = evaluate(model, val_loader, cfg, device, autocast)
+            model.train()
+        logger.log(record)
+        records.append(record)
+        bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
+        bar.update(1)
+        if is_last or (cfg.checkpoint.interval and (step + 1) % cfg.checkpoint.interval == 0):
+            _save(ckpt_root, step + 1, model, optimizer, train_loader, cfg)
+    bar.close()
+    logger.close()
+
+    if cfg.checkpoint.export_hf:
+        save_model(model, run_dir / "model", tokenizer=tokenizer, overwrite=True)
+    print(f"done: {tc.steps} steps in {time.perf_counter() - t_start:.1f} s; model in {run_dir / 'model'}")
+    return records
+
+
+def _save(root: Path, step: int, model, optimizer, loader: PackedLoader, cfg: PretrainConfig) -> None:
+    checkpointing.save_checkpoint(root, step, model, optimizer,
+                                  {"loader": loader.state_dict(), "config": dataclasses.asdict(cfg)},
+                                  keep=cfg.checkpoint.keep)
+
+
+def _memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
