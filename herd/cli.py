@@ -68,14 +68,19 @@ def cmd_convert(a: argparse.Namespace) -> None:
 
     from herd.checkpoint import load_model, save_model
     from herd.tokenizer import Tokenizer
+    from herd.train.checkpointing import is_training_checkpoint, load_model_from_checkpoint
 
     src = Path(a.src)
-    model = load_model(src, dtype=DTYPES[a.dtype] if a.dtype else None)
     tokenizer = None
+    if is_training_checkpoint(src):  # a DCP step of a pretraining run
+        model, tokenizer = load_model_from_checkpoint(src)
+        if a.dtype:
+            model.to(DTYPES[a.dtype])
+    else:
+        model = load_model(src, dtype=DTYPES[a.dtype] if a.dtype else None)
     for candidate in (src / "tokenizer.model", src / "tokenizer.json", src / "original" / "tokenizer.model"):
-        if candidate.exists():
+        if tokenizer is None and candidate.exists():
             tokenizer = Tokenizer(candidate)
-            break
     gen = None
     if (src / "generation_config.json").exists():
         gen = json.loads((src / "generation_config.json").read_text())
@@ -151,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seq-len", type=int, default=None, help="sequence length for the attention FLOPs / KV figures")
     s.set_defaults(fn=cmd_info)
 
-    s = sub.add_parser("convert", help="convert a model directory between HF and Meta layouts")
+    s = sub.add_parser("convert", help="convert a model directory (HF, Meta, or a pretraining checkpoint step)")
     s.add_argument("src")
     s.add_argument("dst")
     s.add_argument("--to", required=True, choices=["hf", "meta"])

@@ -158,7 +158,15 @@ def test_golden_losses(tmp_path, shards_dir):
         assert np.allclose(losses, golden["losses"], rtol=1e-4, atol=0)
     run = tmp_path / "run"
     assert (run / "config.toml").exists() and (run / "checkpoints" / "step-6").is_dir()
-    assert herd.load_model(run / "model").args.dim == 64 and herd.Tokenizer(run / "model").n_words > 256
+    exported = herd.load_model(run / "model")
+    assert exported.args.dim == 64 and herd.Tokenizer(run / "model").n_words > 256
+    # Any DCP step converts to an HF directory with the same weights as the final export.
+    r = subprocess.run([sys.executable, "-m", "herd", "convert", str(run / "checkpoints" / "step-6"),
+                        str(tmp_path / "step6"), "--to", "hf"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    converted = herd.load_model(tmp_path / "step6")
+    assert all(torch.equal(a, b) for a, b in zip(exported.state_dict().values(), converted.state_dict().values()))
+    assert (tmp_path / "step6" / "tokenizer.model").exists()
 
 
 def test_exact_resume_after_sigkill(tmp_path, shards_dir):
@@ -228,6 +236,10 @@ def test_bad_inputs_fail_before_training(tmp_path, shards_dir, small_tokenizer):
 def test_config_overrides_and_types(tmp_path):
     from herd.config import ConfigError, load_config, to_toml
 
+    for name, preset in (("tiny-cpu", "tiny"), ("llama3-8b", "llama3-8b"), ("llama3-70b", "llama3-70b")):
+        cfg = load_config(ROOT / "configs" / f"{name}.toml")
+        assert cfg.model.preset == preset and cfg.data.document_masking
+
     cfg = load_config(ROOT / "configs" / "tiny-cpu.toml", ["--train.lr=1e-4", "--data.document_masking=false",
                                                            "--model.n_kv_heads=none"])
     assert cfg.train.lr == 1e-4 and cfg.data.document_masking is False and cfg.model.n_kv_heads is None
@@ -246,3 +258,14 @@ def test_plot_writes_png(tmp_path, shards_dir):
     assert r.returncode == 0, r.stderr
     png = (tmp_path / "run" / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_activation_checkpointing_does_not_change_losses(tmp_path, shards_dir):
+    """Recomputing blocks in backward must give the very same numbers (and per-document positions still train)."""
+    runs = {}
+    for mode in ("none", "full", "selective"):
+        r = _pretrain(tmp_path / mode, shards_dir, "--train.steps=3", f"--train.activation_checkpointing={mode}",
+                      "--data.per_document_positions=true")
+        assert r.returncode == 0, r.stderr
+        runs[mode] = _losses(tmp_path / mode)
+    assert runs["none"] == runs["full"] == runs["selective"]

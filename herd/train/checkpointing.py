@@ -112,3 +112,25 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
         raise CheckpointCorrupt(f"{path}: cannot load checkpoint ({type(e).__name__}: {e})") from None
     return trainer_state
+
+
+def is_training_checkpoint(path: Path) -> bool:
+    return (path / ".metadata").exists() and (path / TRAINER_STATE).exists()
+
+
+def load_model_from_checkpoint(path: Path):
+    """The model of a training checkpoint (``checkpoints/step-N``), and its tokenizer when the shards are still
+    where the run read them (else None)."""
+    from herd.model.args import ModelArgs
+    from herd.model.transformer import Transformer
+    from herd.tokenizer import Tokenizer
+
+    path = Path(path)
+    if not is_training_checkpoint(path):
+        raise CheckpointCorrupt(f"{path}: not a training checkpoint (needs .metadata and {TRAINER_STATE})")
+    state = torch.load(path / TRAINER_STATE, weights_only=False)
+    model = Transformer(ModelArgs(**state["model_args"]))
+    load_checkpoint(path, model, None)
+    shards = Path(state["config"]["data"]["path"])
+    tokenizer = Tokenizer(shards) if (shards / "tokenizer.model").exists() else None
+    return model, tokenizer

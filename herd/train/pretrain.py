@@ -212,7 +212,8 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> list[dict]:
 
 def _save(root: Path, step: int, model, optimizer, loader: PackedLoader, cfg: PretrainConfig) -> None:
     checkpointing.save_checkpoint(root, step, model, optimizer,
-                                  {"loader": loader.state_dict(), "config": dataclasses.asdict(cfg)},
+                                  {"loader": loader.state_dict(), "config": dataclasses.asdict(cfg),
+                                   "model_args": dataclasses.asdict(model.args)},
                                   keep=cfg.checkpoint.keep)
 
 
