@@ -187,6 +187,8 @@ def test_exact_resume_after_sigkill(tmp_path, shards_dir):
     assert again.returncode == 0, again.stderr
     assert "resumed from" in again.stdout
     assert _losses(tmp_path / "run") == _losses(tmp_path / "ref")  # bit-identical per-step losses
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert kept == ["step-12", "step-9"]  # checkpoint.keep = 2
 
 
 def test_kill_during_checkpoint_write_keeps_previous(tmp_path, shards_dir):
@@ -269,3 +271,18 @@ def test_activation_checkpointing_does_not_change_losses(tmp_path, shards_dir):
         assert r.returncode == 0, r.stderr
         runs[mode] = _losses(tmp_path / mode)
     assert runs["none"] == runs["full"] == runs["selective"]
+
+
+@pytest.mark.slow
+def test_compiled_blocks_and_bf16_autocast_train(tmp_path, shards_dir):
+    """torch.compile per block (Inductor's C++ backend on CPU) follows the eager trajectory closely (fused kernels
+    round differently, so not bit for bit); bf16 autocast trains with finite, decreasing losses."""
+    eager = _pretrain(tmp_path / "eager", shards_dir, "--train.steps=3")
+    compiled = _pretrain(tmp_path / "compiled", shards_dir, "--train.steps=3", "--train.compile=true")
+    assert eager.returncode == 0 and compiled.returncode == 0, compiled.stderr
+    assert np.allclose(_losses(tmp_path / "compiled"), _losses(tmp_path / "eager"), rtol=1e-4)
+    bf16 = _pretrain(tmp_path / "bf16", shards_dir, "--train.steps=6", "--train.dtype=bf16")
+    assert bf16.returncode == 0, bf16.stderr
+    losses = _losses(tmp_path / "bf16")
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert np.allclose(losses[:3], _losses(tmp_path / "eager"), rtol=0.05)
