@@ -100,7 +100,8 @@ def cmd_tokenizer_train(a: argparse.Namespace) -> None:
 def cmd_tokenizer_stats(a: argparse.Namespace) -> None:
     from herd.tokenizer.stats import run_stats
 
-    run_stats(a.tokenizer, a.input, spm_vocab=a.sentencepiece_vocab, out_json=a.json)
+    run_stats(a.tokenizer, a.input, spm_vocab=a.sentencepiece_vocab, out_json=a.json,
+              spm_train=a.sentencepiece_train)
 
 
 # --- data, pretraining, plots ------------------------------------------------------------------------------------
@@ -178,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--input", nargs="+", required=True)
     s.add_argument("--sentencepiece-vocab", type=int, default=None,
                    help="also train a Llama-2-style SentencePiece BPE of this size on the input and compare")
+    s.add_argument("--sentencepiece-train", nargs="+", default=None,
+                   help="train the SentencePiece baseline on these files instead of --input (a held-out comparison)")
     s.add_argument("--json", default=None, help="also write the figures to this JSON file")
     s.set_defaults(fn=cmd_tokenizer_stats)
 

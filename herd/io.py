@@ -54,6 +54,16 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def read_json(path: str | os.PathLike, error: type[Exception] = ValueError) -> Any:
+    """Parse a JSON file; a missing or malformed file raises ``error`` naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+
+
 def fsync_tree(root: str | os.PathLike) -> None:
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from herd.checkpoint.errors import CheckpointError
-from herd.io import atomic_write_json
+from herd.io import atomic_write_json, read_json
 from herd.model.args import PRESETS, ModelArgs
 
 CONFIG = "config.json"
@@ -170,13 +170,7 @@ def config_from_args(args: ModelArgs, dtype: torch.dtype, bos_id: int | None, eo
 # --- reading -------------------------------------------------------------------------------------------------------
 def read_args(path: Path) -> ModelArgs:
     cfg_path = path / CONFIG
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{cfg_path}: file not found") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
-    return args_from_config(cfg, str(cfg_path))
+    return args_from_config(read_json(cfg_path, CheckpointError), str(cfg_path))
 
 
 def weight_files(path: Path) -> list[Path]:

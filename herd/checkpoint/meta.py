@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import json
 import mmap
 import pickle
 import re
@@ -21,7 +20,7 @@ import torch
 from torch import Tensor
 
 from herd.checkpoint.errors import CheckpointError
-from herd.io import atomic_write_json
+from herd.io import atomic_write_json, read_json
 from herd.model.args import ModelArgs
 
 PARAMS = "params.json"
@@ -42,12 +41,7 @@ def split_dim(name: str) -> int | None:
 
 def read_args(path: Path) -> ModelArgs:
     params_path = path / PARAMS
-    try:
-        params = json.loads(params_path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{params_path}: file not found") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{params_path}: not valid JSON ({e})") from None
+    params = read_json(params_path, CheckpointError)
     try:
         return ModelArgs.from_params(params, source=str(params_path))
     except (ValueError, TypeError) as e:

@@ -12,7 +12,6 @@ uint32 because Llama 3's vocabulary (128,256) does not fit in uint16.
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from herd.data.readers import DataError, expand_inputs, iter_documents
-from herd.io import atomic_directory, atomic_write_json
+from herd.io import atomic_directory, atomic_write_json, read_json
 from herd.tokenizer import Tokenizer
 
 FORMAT = "herd-token-shards-v1"
@@ -106,12 +105,9 @@ class TokenShards:
     def open(cls, path: str | Path) -> TokenShards:
         path = Path(path)
         mpath = path / MANIFEST
-        try:
-            manifest = json.loads(mpath.read_text())
-        except FileNotFoundError:
-            raise DataError(f"{mpath}: not found (is {path} a directory written by `herd data tokenize`?)") from None
-        except json.JSONDecodeError as e:
-            raise DataError(f"{mpath}: not valid JSON ({e})") from None
+        if not mpath.exists():
+            raise DataError(f"{mpath}: not found (is {path} a directory written by `herd data tokenize`?)")
+        manifest = read_json(mpath, DataError)
         if manifest.get("format") != FORMAT:
             raise DataError(f"{mpath}: unknown format {manifest.get('format')!r} (expected {FORMAT})")
         tokens, shard_ids, starts, lens = [], [], [], []

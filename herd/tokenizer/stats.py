@@ -35,7 +35,9 @@ def _train_sentencepiece(files: list[Path], vocab_size: int, workdir: Path) -> C
 
 
 def run_stats(tokenizers: Sequence[str], inputs: Sequence[str], spm_vocab: int | None = None,
-              out_json: str | None = None) -> dict:
+              out_json: str | None = None, spm_train: Sequence[str] | None = None) -> dict:
+    """Figures per file of ``inputs``. The SentencePiece baseline is trained on ``spm_train`` (default: the inputs
+    themselves, which flatters it: it then compresses text it has memorised)."""
     files = expand_inputs(inputs)
     counters: dict[str, Callable[[str], int]] = {}
     for path in tokenizers:
@@ -43,7 +45,8 @@ def run_stats(tokenizers: Sequence[str], inputs: Sequence[str], spm_vocab: int |
         counters[f"{Path(path).name} ({tok.n_words})"] = lambda text, tok=tok: len(tok.encode(text))
     with tempfile.TemporaryDirectory() as tmp:
         if spm_vocab:
-            counters[f"sentencepiece-bpe ({spm_vocab})"] = _train_sentencepiece(files, spm_vocab, Path(tmp))
+            train_files = expand_inputs(spm_train) if spm_train else files
+            counters[f"sentencepiece-bpe ({spm_vocab})"] = _train_sentencepiece(train_files, spm_vocab, Path(tmp))
         rows = []
         totals = {name: 0 for name in counters}
         total_bytes = total_words = 0

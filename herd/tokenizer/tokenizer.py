@@ -16,7 +16,6 @@ import base64
 import binascii
 import codecs
 import hashlib
-import json
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -124,12 +123,9 @@ def hf_to_bytes(token: str) -> bytes:
 
 def read_hf_tokenizer(path: Path) -> tuple[dict[bytes, int], list[str], str]:
     """Ranks, special-token names (in id order after the ranks) and the Split regex of a BPE tokenizer.json."""
-    try:
-        spec = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise TokenizerError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TokenizerError(f"{path}: not valid JSON ({e})") from None
+    from herd.io import read_json
+
+    spec = read_json(path, TokenizerError)
     model = spec.get("model") or {}
     if model.get("type") != "BPE":
         raise TokenizerError(f"{path}: model.type is {model.get('type')!r}; only byte-level BPE is supported")
