@@ -126,24 +126,74 @@ def cmd_plot(a: argparse.Namespace) -> None:
 
 
 # --- generation -------------------------------------------------------------------------------------------------
-def cmd_generate(a: argparse.Namespace) -> None:
-    import json
-
-    from herd.checkpoint import load_model
-    from herd.inference.generate import generate
+def _load_for_inference(a: argparse.Namespace):
+    """(model, tokenizer, stop ids) of a model directory, on ``--device`` in ``--dtype``."""
+    from herd.checkpoint import load_model, read_generation_config
     from herd.tokenizer import Tokenizer
 
-    model = load_model(a.model, dtype=torch.float32).eval()
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[a.dtype] if a.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    model = load_model(a.model, dtype=dtype, device=device).eval()
     tok = Tokenizer(a.model)
-    stop = tok.stop_tokens
-    gen_cfg = Path(a.model) / "generation_config.json"
-    if gen_cfg.exists():
-        eos = json.loads(gen_cfg.read_text()).get("eos_token_id", stop)
-        stop = eos if isinstance(eos, list) else [eos]
-    prompt = tok.encode(a.prompt, bos=True)
-    out = generate(model, [prompt], a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
-                   stop_ids=stop, seed=a.seed)[0]
-    print(a.prompt + tok.decode(out))
+    return model, tok, read_generation_config(a.model, tok)["eos_token_id"]
+
+
+def _sampling(a: argparse.Namespace, stop_ids: list[int]):
+    from herd.inference.sampling import SamplingParams
+
+    return SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+                          frequency_penalty=a.frequency_penalty, presence_penalty=a.presence_penalty, seed=a.seed,
+                          stop_ids=tuple(stop_ids), stop=tuple(a.stop))
+
+
+def cmd_generate(a: argparse.Namespace) -> None:
+    from herd.inference.generate import stream
+
+    model, tok, stop_ids = _load_for_inference(a)
+    print(a.prompt, end="", flush=True)
+    for piece in stream(model, tok, tok.encode(a.prompt, bos=True), _sampling(a, stop_ids)):
+        print(piece, end="", flush=True)
+    print()
+
+
+def cmd_chat(a: argparse.Namespace) -> None:
+    from herd.inference.chat_repl import chat_repl
+
+    model, tok, stop_ids = _load_for_inference(a)
+    chat_repl(model, tok, _sampling(a, stop_ids), system=a.system)
+
+
+def cmd_serve(a: argparse.Namespace) -> None:
+    import uvicorn
+
+    from herd.inference.engine import Engine
+    from herd.inference.server import Server, create_app
+
+    model, tok, stop_ids = _load_for_inference(a)
+    engine = Engine(model, tok, max_batch=a.max_batch, max_len=a.max_len, max_waiting=a.max_waiting,
+                    compile=a.compile)
+    name = a.name or Path(a.model).resolve().name
+    server = Server(engine, tok, name, stop_ids, api_key=a.api_key or os.environ.get("HERD_API_KEY"))
+    print(f"herd: serving '{name}' on http://{a.host}:{a.port}/v1 ({a.max_batch} slots of {engine.max_len} tokens)",
+          flush=True)
+    uvicorn.run(create_app(server), host=a.host, port=a.port, log_level=a.log_level,
+                timeout_graceful_shutdown=a.drain_timeout)
+
+
+def _inference_args(s: argparse.ArgumentParser, sampling: bool = True) -> None:
+    s.add_argument("--model", required=True, help="model directory (HF or Meta layout, with its tokenizer)")
+    s.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    s.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU")
+    if not sampling:
+        return
+    s.add_argument("--max-new-tokens", type=int, default=256)
+    s.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
+    s.add_argument("--top-p", type=float, default=0.9)
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--frequency-penalty", type=float, default=0.0)
+    s.add_argument("--presence-penalty", type=float, default=0.0)
+    s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    s.add_argument("--seed", type=int, default=None)
 
 
 # --- parser -----------------------------------------------------------------------------------------------------
@@ -205,15 +255,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="output PNG (default RUN_DIR/curves.png)")
     s.set_defaults(fn=cmd_plot)
 
-    s = sub.add_parser("generate", help="complete a prompt with a model directory")
-    s.add_argument("--model", required=True)
+    s = sub.add_parser("generate", help="complete a prompt with a model directory (streamed)")
+    _inference_args(s)
     s.add_argument("--prompt", required=True)
-    s.add_argument("--max-new-tokens", type=int, default=64)
-    s.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
-    s.add_argument("--top-p", type=float, default=0.9)
-    s.add_argument("--top-k", type=int, default=0)
-    s.add_argument("--seed", type=int, default=None)
     s.set_defaults(fn=cmd_generate)
+
+    s = sub.add_parser("chat", help="chat with a model in the terminal (/reset, /system TEXT, /exit)")
+    _inference_args(s)
+    s.add_argument("--system", default=None, help="system prompt")
+    s.set_defaults(fn=cmd_chat)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
+    _inference_args(s, sampling=False)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set HERD_API_KEY)")
+    s.add_argument("--name", default=None, help="model name clients use (default: the directory name)")
+    s.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (KV-cache slots)")
+    s.add_argument("--max-len", type=int, default=None, help="context per sequence (default: the model's)")
+    s.add_argument("--max-waiting", type=int, default=64, help="queued requests beyond this get 503")
+    s.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    s.add_argument("--drain-timeout", type=int, default=30, help="seconds to finish open requests on shutdown")
+    s.add_argument("--log-level", default="info")
+    s.set_defaults(fn=cmd_serve)
     return p
 
 

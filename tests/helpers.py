@@ -38,3 +38,20 @@ def make_hf_model(path: Path | None = None, seed: int = 0, dtype=torch.float32, 
     if path is not None:
         model.save_pretrained(path)
     return model
+
+
+def random_model(vocab_size: int = 1256, max_seq_len: int = 256, seed: int = 0, output_std: float = 0.5):
+    """A tiny untied herd model whose greedy output varies (an ``init_weights`` model is too flat to repeat anything
+    but its last input token): projections at std 0.05, the output head at ``output_std`` (at 0.5, logits of order
+    20 with top-2 gaps of order 1)."""
+    import herd
+
+    model = herd.Transformer(herd.ModelArgs.from_name("tiny", vocab_size=vocab_size, tie_embeddings=False,
+                                                      max_seq_len=max_seq_len)).eval()
+    model.init_weights(seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, output_std if name == "output.weight" else 0.05, generator=gen)
+    return model

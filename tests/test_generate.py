@@ -3,7 +3,8 @@
 import torch
 
 import herd
-from herd.inference.generate import generate, sample
+from herd.inference.generate import generate
+from herd.inference.sampling import sample
 
 from .helpers import make_hf_model
 

@@ -14,7 +14,7 @@ import torch
 
 from herd.checkpoint import hf, meta
 from herd.checkpoint.errors import CheckpointError
-from herd.io import atomic_directory, atomic_write_json
+from herd.io import atomic_directory, atomic_write_json, read_json
 from herd.model.args import ModelArgs
 from herd.model.transformer import Transformer, rope_inv_freq
 
@@ -121,3 +121,13 @@ def default_generation_config(tokenizer: Any) -> dict[str, Any]:
     return {"bos_token_id": tokenizer.bos_id, "eos_token_id": list(tokenizer.stop_tokens), "do_sample": True,
             "temperature": 0.6, "top_p": 0.9}
 
+
+
+def read_generation_config(path: str | Path, tokenizer: Any = None) -> dict[str, Any]:
+    """A model directory's ``generation_config.json`` (or the defaults for ``tokenizer``), with ``eos_token_id``
+    always a list: the ids that end generation."""
+    file = Path(path) / GENERATION_CONFIG
+    gen = read_json(file, CheckpointError) if file.exists() else default_generation_config(tokenizer)
+    eos = gen.get("eos_token_id", list(tokenizer.stop_tokens) if tokenizer is not None else [])
+    gen["eos_token_id"] = eos if isinstance(eos, list) else [eos]
+    return gen

@@ -9,10 +9,12 @@ Parameter names are Meta's (``wq wk wv wo``, ``w1 w2 w3``, ``attention_norm``, `
 The model does not know how it is parallelised, compiled or checkpointed: ``train/`` applies that from outside.
 Two hooks serve the other stages without touching this file:
 
-- ``forward(tokens, positions=None, mask=None, cache_pos=None)``: ``positions`` are the RoPE positions (per-document
-  positions for packed training, offsets for decoding), ``mask`` is an attention mask (None means causal; a boolean
-  tensor ``[B, 1, S, T]`` with True = may attend; or a FlexAttention ``BlockMask``), see ``masks.py``.
-- ``setup_caches(batch, max_seq_len)`` gives every attention layer a preallocated KV cache; ``cache_pos`` then says
+- ``forward(tokens, positions=None, mask=None, cache_pos=None, last_only=False)``: ``positions`` are the RoPE
+  positions (per-document positions for packed training, each sequence's own positions when decoding), ``mask`` is
+  an attention mask (None means causal; a boolean tensor ``[B, 1, S, T]`` with True = may attend; or a
+  FlexAttention ``BlockMask``), see ``masks.py``; ``last_only`` computes the logits of the last position only.
+- ``setup_caches(batch, max_seq_len)`` gives every attention layer a preallocated KV cache (``KVCache.narrow``
+  selects rows of it, to fill one sequence of a batch); ``cache_pos`` then says
   where the new keys/values are written (``[S]`` for the whole batch, or ``[B, S]`` per row).
 
 Numerics follow Meta's reference: RMSNorm normalises in fp32 and casts back before the weight multiply; RoPE angles,
@@ -99,6 +101,14 @@ class KVCache(nn.Module):
         self.k[rows, :, cache_pos] = k.to(self.k.dtype)
         self.v[rows, :, cache_pos] = v.to(self.v.dtype)
         return self.k, self.v
+
+    def narrow(self, row: int, n: int = 1) -> KVCache:
+        """A cache over rows ``[row, row + n)`` sharing this one's storage (to prefill one sequence of a batch)."""
+        view = KVCache.__new__(KVCache)
+        nn.Module.__init__(view)
+        view.register_buffer("k", self.k.narrow(0, row, n), persistent=False)
+        view.register_buffer("v", self.v.narrow(0, row, n), persistent=False)
+        return view
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | BlockMask | None) -> Tensor:
@@ -203,14 +213,19 @@ class Transformer(nn.Module):
         return self
 
     def forward(self, tokens: Tensor, positions: Tensor | None = None, mask=None,
-                cache_pos: Tensor | None = None) -> Tensor:
-        """``tokens [B, S]`` (or hidden states ``[B, S, dim]`` on a pipeline stage without embeddings) -> logits."""
+                cache_pos: Tensor | None = None, last_only: bool = False) -> Tensor:
+        """``tokens [B, S]`` (or hidden states ``[B, S, dim]`` on a pipeline stage without embeddings) -> logits.
+
+        ``last_only`` computes logits for the last position only (a prefill needs no more, and the full
+        ``[B, S, vocab]`` tensor of a long prompt can be larger than the model)."""
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         if positions is None:
             positions = torch.arange(h.size(1), device=h.device)
         cos, sin = rope_cos_sin(self.inv_freq, positions)
         for layer in self.layers.values():
             h = layer(h, cos, sin, mask, cache_pos)
+        if last_only:
+            h = h[:, -1:]
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h
 

@@ -1,0 +1,302 @@
+"""The generation engine: continuous batching over a fixed set of KV-cache slots.
+
+Every sequence owns one row ("slot") of a preallocated cache ``[max_batch, n_kv_heads, max_len, hd]`` and keeps its
+own positions there, starting at 0, so no padding is ever needed. ``step()`` first admits waiting sequences into
+free slots (one prefill each, written into that row only), then runs one decode step for every running sequence
+together. Sequences join and leave between steps: this is what lets a server share decode steps between requests.
+
+Batch invariance: the decode step always runs on all ``max_batch`` rows (idle rows compute a dummy token), and the
+attended cache width is rounded up to a multiple of 64. A matrix multiply gives a row the same bits whatever the
+other rows hold, but not whatever the batch *size* is (different kernels), so with fixed shapes a request's greedy
+output does not depend on what else is being served.
+
+Thread use: ``submit`` and ``Sequence.cancel`` may be called from any thread; ``step`` / ``loop`` from one thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+from collections import deque
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from herd.inference.sampling import SamplingParams, TokenLogprob, apply_penalties, sample, token_logprobs
+from herd.model.transformer import Transformer
+from herd.tokenizer.tokenizer import StreamDecoder, Tokenizer
+
+log = logging.getLogger(__name__)
+WIDTH_MULTIPLE = 64
+
+
+class QueueFull(RuntimeError):
+    """The engine's waiting queue is full; try again later (a server answers 503)."""
+
+
+@dataclass
+class Delta:
+    """What one step produced for one sequence: new text (only complete characters, never past a stop string),
+    new token ids with their log-probabilities, and the finish reason once it is done."""
+
+    text: str = ""
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop", "length", "cancelled", "error"
+
+
+class Sequence:
+    """One prompt being completed. Read ``output``, ``text``, ``logprobs``, ``prompt_logprobs``, ``finish_reason``.
+
+    ``output`` excludes a final stop id; ``logprobs`` (when asked for) has one entry per sampled token, the stop id
+    included."""
+
+    def __init__(self, prompt: list[int], params: SamplingParams, on_delta: Callable[[Delta], None] | None,
+                 tokenizer: Tokenizer | None, device: torch.device):
+        self.prompt, self.params, self.on_delta = prompt, params, on_delta
+        self.output: list[int] = []
+        self.logprobs: list[TokenLogprob] = []
+        self.prompt_logprobs: list[TokenLogprob] | None = None
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.cancelled = False
+        self.slot: int | None = None
+        self.length = 0  # tokens in this sequence's cache row
+        self.last: int = 0  # the newest token, to be written to the cache by the next decode step
+        self._decoder = StreamDecoder(tokenizer) if tokenizer is not None else None
+        self._pending = ""  # decoded text held back because it may be the start of a stop string
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.counts: Tensor | None = None  # generated-token counts, only when a penalty needs them
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def cancel(self) -> None:
+        """Stop generating; the slot is freed at the next step (safe from any thread)."""
+        self.cancelled = True
+
+    # --- text: incremental decoding and stop strings ---
+    def _push_text(self, token: int | None, delta: Delta) -> bool:
+        """Decode ``token`` (None: flush) into ``delta.text``; True when a stop string was hit."""
+        if self._decoder is None:
+            return False
+        self._pending += self._decoder.push(token) if token is not None else self._decoder.flush()
+        stops = self.params.stop
+        hits = [i for i in (self._pending.find(s) for s in stops) if i >= 0]
+        if hits:
+            self._emit_text(self._pending[: min(hits)], delta)
+            self._pending = ""
+            return True
+        # Hold back the longest tail that could still grow into a stop string (none once flushed).
+        hold = 0 if token is None else _longest_stop_prefix(self._pending, stops)
+        self._emit_text(self._pending[: len(self._pending) - hold], delta)
+        self._pending = self._pending[len(self._pending) - hold:]
+        return False
+
+    def _emit_text(self, text: str, delta: Delta) -> None:
+        self.text += text
+        delta.text += text
+
+
+def _longest_stop_prefix(text: str, stops: Seq[str]) -> int:
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
+
+
+class Engine:
+    """Continuous-batching generation over one model (see the module docstring).
+
+    ``max_len`` is the cache length per sequence (prompt + new tokens), at most the model's ``max_seq_len``.
+    ``max_waiting`` bounds the queue of sequences not yet admitted (``submit`` raises ``QueueFull`` beyond it).
+    """
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer | None = None, max_batch: int = 8,
+                 max_len: int | None = None, max_waiting: int = 256, compile: bool = False):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        self.max_len = min(max_len or model.args.max_seq_len, model.args.max_seq_len)
+        self.max_waiting = max_waiting
+        self.slots: list[Sequence | None] = [None] * max_batch
+        self.waiting: deque[Sequence] = deque()
+        self._wake = threading.Condition()
+        model.setup_caches(max_batch, self.max_len)
+        # Compiling the decode step pays off on GPU (fused small kernels, CUDA graphs); shapes vary with the
+        # attended width, hence dynamic.
+        self._decode_forward = torch.compile(model, dynamic=True) if compile else model
+
+    # --- the public side ---
+    def submit(self, prompt: Seq[int], params: SamplingParams | None = None,
+               on_delta: Callable[[Delta], None] | None = None) -> Sequence:
+        params = params or SamplingParams()
+        params.validate()
+        prompt = list(prompt)
+        vocab = self.model.args.vocab_size
+        if not prompt:
+            raise ValueError("the prompt is empty (it needs at least one token, e.g. BOS)")
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        if len(prompt) > self.max_len or (len(prompt) == self.max_len and params.max_new_tokens > 0):
+            raise ValueError(f"a prompt of {len(prompt)} tokens leaves no room in the context of {self.max_len}")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need an engine with a tokenizer")
+        seq = Sequence(prompt, params, on_delta, self.tokenizer, self.device)
+        with self._wake:
+            if len(self.waiting) >= self.max_waiting:
+                raise QueueFull(f"{len(self.waiting)} requests are already waiting")
+            self.waiting.append(seq)
+            self._wake.notify()
+        return seq
+
+    @property
+    def running(self) -> list[Sequence]:
+        return [s for s in self.slots if s is not None]
+
+    def has_work(self) -> bool:
+        return bool(self.waiting) or any(s is not None for s in self.slots)
+
+    def run(self) -> None:
+        """Step until every submitted sequence is done."""
+        while self.has_work():
+            self.step()
+
+    def loop(self, stop: threading.Event) -> None:
+        """Serve forever from one thread: step while there is work, sleep until ``submit`` wakes it; after ``stop``
+        is set, finish (drain) what was submitted, then return."""
+        while True:
+            with self._wake:
+                while not self.has_work() and not stop.is_set():
+                    self._wake.wait(timeout=0.5)
+            if not self.has_work() and stop.is_set():
+                return
+            try:
+                self.step()
+            except Exception:  # never let one bad step kill the server: fail what was running, keep going
+                log.exception("generation step failed")
+                for seq in self.running:
+                    self._finish(seq, "error", Delta())
+
+    def wake(self) -> None:
+        with self._wake:
+            self._wake.notify_all()
+
+    def close(self) -> None:
+        self.model.clear_caches()
+
+    # --- one step ---
+    @torch.inference_mode()
+    def step(self) -> None:
+        for seq in self.running:
+            if seq.cancelled:
+                self._finish(seq, "cancelled", Delta())
+        admitted = []
+        with self._wake:
+            while self.waiting and None in self.slots:
+                seq = self.waiting.popleft()
+                if seq.cancelled:
+                    seq.finish_reason = "cancelled"
+                    continue
+                seq.slot = self.slots.index(None)
+                self.slots[seq.slot] = seq
+                admitted.append(seq)
+        for seq in admitted:
+            self._prefill(seq)
+        running = [s for s in self.running if not s.done]
+        if running:
+            self._decode(running)
+
+    def _prefill(self, seq: Sequence) -> None:
+        P = len(seq.prompt)
+        tokens = torch.tensor([seq.prompt], device=self.device)
+        pos = torch.arange(P, device=self.device)[None]
+        causal = torch.ones(P, P, dtype=torch.bool, device=self.device).tril()[None, None]
+        caches = [layer.attention.kv_cache for layer in self.model.layers.values()]
+        for layer, cache in zip(self.model.layers.values(), caches):  # write into this sequence's row only
+            layer.attention.kv_cache = cache.narrow(seq.slot, 1)
+        try:
+            want_prompt = seq.params.prompt_logprobs
+            logits = self.model(tokens, positions=pos, mask=causal, cache_pos=pos, last_only=not want_prompt)[0]
+        finally:
+            for layer, cache in zip(self.model.layers.values(), caches):
+                layer.attention.kv_cache = cache
+        seq.length = P
+        if want_prompt:
+            seq.prompt_logprobs = token_logprobs(logits[:-1], tokens[0, 1:], seq.params.logprobs or 0)
+        if seq.params.max_new_tokens == 0:
+            self._finish(seq, "length", Delta())
+        else:
+            self._accept(seq, logits[-1])
+
+    def _decode(self, running: list[Sequence]) -> None:
+        n = len(self.slots)
+        tokens = torch.zeros(n, 1, dtype=torch.long)
+        pos = torch.zeros(n, 1, dtype=torch.long)  # idle rows: a dummy token at position 0 of their free row
+        for seq in running:
+            tokens[seq.slot, 0], pos[seq.slot, 0] = seq.last, seq.length
+        longest = max(seq.length for seq in running) + 1
+        width = min(-(-longest // WIDTH_MULTIPLE) * WIDTH_MULTIPLE, self.max_len)
+        tokens, pos = tokens.to(self.device), pos.to(self.device)
+        # Each row attends to its own slots 0..pos (everything it has written, including this token).
+        mask = (torch.arange(width, device=self.device)[None, :] <= pos)[:, None, None, :]
+        logits = self._decode_forward(tokens, positions=pos, mask=mask, cache_pos=pos)[:, -1]
+        for seq in running:
+            seq.length += 1
+            self._accept(seq, logits[seq.slot])
+
+    def _accept(self, seq: Sequence, logits: Tensor) -> None:
+        """Sample the next token of ``seq`` from its ``logits [V]`` and report it."""
+        p, delta = seq.params, Delta()
+        scores = logits
+        if p.frequency_penalty or p.presence_penalty:
+            if seq.counts is None:
+                seq.counts = torch.zeros_like(logits, dtype=torch.float32)
+            scores = apply_penalties(logits.float(), seq.counts, p.frequency_penalty, p.presence_penalty)
+        token = sample(scores[None], p.temperature, p.top_p, p.top_k, seq.generator)
+        if p.logprobs is not None:
+            lp = token_logprobs(logits[None], token, p.logprobs)[0]
+        token = int(token)
+        if token in p.stop_ids:
+            if p.logprobs is not None:  # scored like any sampled token (lm-eval counts on one per step)
+                seq.logprobs.append(lp)
+                delta.logprobs.append(lp)
+            seq._push_text(None, delta)
+            return self._finish(seq, "stop", delta)
+        seq.output.append(token)
+        seq.last = token
+        delta.tokens.append(token)
+        if p.logprobs is not None:
+            seq.logprobs.append(lp)
+            delta.logprobs.append(lp)
+        if seq.counts is not None:
+            seq.counts[token] += 1
+        if seq._push_text(token, delta):
+            return self._finish(seq, "stop", delta)
+        if len(seq.output) >= p.max_new_tokens or seq.length + 1 >= self.max_len:
+            seq._push_text(None, delta)
+            return self._finish(seq, "length", delta)
+        self._report(seq, delta)
+
+    def _finish(self, seq: Sequence, reason: str, delta: Delta) -> None:
+        seq.finish_reason = delta.finish_reason = reason
+        if seq.slot is not None:
+            self.slots[seq.slot] = None
+        self._report(seq, delta)
+
+    def _report(self, seq: Sequence, delta: Delta) -> None:
+        if seq.on_delta is not None:
+            try:
+                seq.on_delta(delta)
+            except Exception:  # a consumer's failure (e.g. a closed event loop) must not stop the others
+                log.exception("on_delta callback failed; cancelling the sequence")
+                seq.cancel()

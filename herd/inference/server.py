@@ -1,0 +1,240 @@
+"""An OpenAI-compatible HTTP server over the continuous-batching engine (FastAPI + uvicorn).
+
+Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (both
+with ``"stream": true`` as server-sent events ending in ``data: [DONE]``).
+
+One engine thread runs decode steps; request handlers (asyncio) submit sequences and receive each step's ``Delta``
+through an ``asyncio.Queue``. A request whose client disconnects cancels its sequences, which frees their cache
+slots at the next step. On shutdown uvicorn stops accepting connections and waits for the open requests; the engine
+thread keeps stepping until they are drained, then stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from herd.inference import openai_protocol as api
+from herd.inference.engine import Delta, Engine, QueueFull, Sequence
+from herd.inference.openai_protocol import APIError
+from herd.inference.sampling import SamplingParams
+from herd.tokenizer.chat import ChatFormat
+from herd.tokenizer.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class Server:
+    """The state behind the routes: the engine, its thread, the tokenizer and chat format, the served name."""
+
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, model_name: str, stop_ids: list[int],
+                 api_key: str | None = None):
+        self.engine, self.tok, self.name, self.stop_ids = engine, tokenizer, model_name, stop_ids
+        self.chat = ChatFormat(tokenizer)
+        self.api_key = api_key
+        self.context = engine.max_len
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.engine.loop, args=(self._stop,), name="herd-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.engine.wake()
+        if self._thread is not None:
+            self._thread.join()
+
+    # --- submitting and collecting ---
+    def submit(self, prompts: list[list[int]], params: SamplingParams, n: int
+               ) -> tuple[list[Sequence], asyncio.Queue]:
+        """Submit ``n`` sequences per prompt; their deltas arrive on the queue as ``(index, Delta)``."""
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        seqs: list[Sequence] = []
+        try:
+            for p in prompts:
+                for j in range(n):
+                    index = len(seqs)
+                    sp = params if params.seed is None else replace(params, seed=params.seed + j)
+                    seqs.append(self.engine.submit(p, sp, on_delta=lambda d, i=index: loop.call_soon_threadsafe(
+                        queue.put_nowait, (i, d))))
+        except QueueFull as e:
+            for s in seqs:
+                s.cancel()
+            raise APIError(f"server busy: {e}", status=503, type="server_error", code="queue_full") from None
+        except ValueError as e:
+            for s in seqs:
+                s.cancel()
+            raise APIError(str(e), "prompt") from None
+        return seqs, queue
+
+    async def events(self, request: Request, seqs: list[Sequence], queue: asyncio.Queue
+                     ) -> AsyncIterator[tuple[int, Delta]]:
+        """Deltas until every sequence is done; a disconnected client (or a cancelled handler) cancels them."""
+        open_ = len(seqs)
+        try:
+            while open_:
+                try:
+                    index, delta = await asyncio.wait_for(queue.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        return
+                    continue
+                if delta.finish_reason == "error":
+                    raise APIError("generation failed; see the server log", status=500, type="server_error")
+                if delta.finish_reason is not None:
+                    open_ -= 1
+                yield index, delta
+        finally:
+            for s in seqs:
+                s.cancel()  # no-op for finished ones; frees the slots of abandoned ones
+            self.engine.wake()
+
+
+def create_app(server: Server) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        server.start()
+        yield
+        server.stop()  # uvicorn has already waited for open requests: this drains anything left
+
+    app = FastAPI(title="herd", lifespan=lifespan)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, e: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return JSONResponse(APIError(f"internal error: {type(e).__name__}", status=500, type="server_error").body(),
+                            status_code=500)
+
+    async def read_body(request: Request) -> dict:
+        if server.api_key is not None:
+            if request.headers.get("authorization", "") != f"Bearer {server.api_key}":
+                raise APIError("invalid or missing API key", status=401, type="authentication_error",
+                               code="invalid_api_key")
+        if request.method == "GET":
+            return {}
+        raw = await request.body()
+        try:
+            body = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise APIError("the request body is not UTF-8") from None
+        except json.JSONDecodeError as e:
+            raise APIError(f"the request body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise APIError("the request body must be a JSON object")
+        model = api.field(body, "model", str, server.name)
+        if model != server.name:
+            raise APIError(f"the model '{model}' does not exist (this server has '{server.name}')", "model",
+                           code="model_not_found")
+        return body
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict:
+        await read_body(request)
+        return {"object": "list", "data": [{"id": server.name, "object": "model", "created": 0, "owned_by": "herd",
+                                            "max_model_len": server.context}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await read_body(request)
+        prompts = api.completion_prompts(body, server.tok, server.engine.model.args.vocab_size)
+        echo = api.field(body, "echo", bool, False)
+        logprobs = api.field(body, "logprobs", int, None)
+        max_tokens = api.field(body, "max_tokens", int, 16)
+        for ids, _ in prompts:
+            api.check_max_tokens(max_tokens, len(ids), server.context, "max_tokens")
+        params = api.sampling_params(body, max_tokens, server.stop_ids, logprobs)
+        params.prompt_logprobs = echo and logprobs is not None
+        n = api.check_count(body)
+        stream = api.field(body, "stream", bool, False)
+        seqs, queue = server.submit([ids for ids, _ in prompts], params, n)
+        texts = [text for _, text in prompts for _ in range(n)]
+        rid = api.new_id("cmpl")
+        if stream:
+            async def sse() -> AsyncIterator[str]:
+                if echo:
+                    for i, text in enumerate(texts):
+                        yield _sse(api.envelope("text_completion", rid, server.name,
+                                                [{"index": i, "text": text, "logprobs": None, "finish_reason": None}]))
+                async for i, d in server.events(request, seqs, queue):
+                    lp = api.completion_logprobs(server.tok, d.logprobs) if logprobs is not None else None
+                    choice = {"index": i, "text": d.text, "logprobs": lp,
+                              "finish_reason": api.finish_reason(d.finish_reason)}
+                    yield _sse(api.envelope("text_completion", rid, server.name, [choice]))
+                yield "data: [DONE]\n\n"
+            return StreamingResponse(sse(), media_type="text/event-stream")
+        async for _ in server.events(request, seqs, queue):
+            pass
+        choices = [api.completion_choice(i, s, server.tok, texts[i] if echo else None) for i, s in enumerate(seqs)]
+        return api.envelope("text_completion", rid, server.name, choices,
+                            usage=api.usage(sum(len(ids) for ids, _ in prompts), sum(len(s.output) for s in seqs)))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await read_body(request)
+        messages = api.chat_messages(body)
+        try:
+            prompt = server.chat.encode_dialog_prompt(messages)
+        except ValueError as e:
+            raise APIError(str(e), "messages") from None
+        max_tokens = api.field(body, "max_completion_tokens", int, None)
+        max_tokens = api.field(body, "max_tokens", int, max_tokens)
+        max_tokens = api.check_max_tokens(max_tokens, len(prompt), server.context,
+                                          "max_tokens" if "max_tokens" in body else "max_completion_tokens")
+        want_lp = api.field(body, "logprobs", bool, False)
+        top = api.field(body, "top_logprobs", int, 0)
+        params = api.sampling_params(body, max_tokens, server.stop_ids, top if want_lp else None)
+        n = api.check_count(body)
+        stream = api.field(body, "stream", bool, False)
+        options = api.field(body, "stream_options", dict, {})
+        seqs, queue = server.submit([prompt], params, n)
+        rid = api.new_id("chatcmpl")
+        if stream:
+            async def sse() -> AsyncIterator[str]:
+                for i in range(n):
+                    yield _sse(api.envelope("chat.completion.chunk", rid, server.name, [
+                        {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                         "finish_reason": None}]))
+                async for i, d in server.events(request, seqs, queue):
+                    delta: dict[str, Any] = {"content": d.text} if d.text else {}
+                    lp = api.chat_logprobs(server.tok, d.logprobs) if want_lp and d.logprobs else None
+                    if delta or lp or d.finish_reason:
+                        yield _sse(api.envelope("chat.completion.chunk", rid, server.name, [
+                            {"index": i, "delta": delta, "logprobs": lp,
+                             "finish_reason": api.finish_reason(d.finish_reason)}]))
+                if options.get("include_usage"):
+                    yield _sse(api.envelope("chat.completion.chunk", rid, server.name, [],
+                                            usage=api.usage(len(prompt), sum(len(s.output) for s in seqs))))
+                yield "data: [DONE]\n\n"
+            return StreamingResponse(sse(), media_type="text/event-stream")
+        async for _ in server.events(request, seqs, queue):
+            pass
+        choices = [{"index": i, "message": {"role": "assistant", "content": s.text},
+                    "logprobs": api.chat_logprobs(server.tok, s.logprobs) if want_lp else None,
+                    "finish_reason": api.finish_reason(s.finish_reason)} for i, s in enumerate(seqs)]
+        return api.envelope("chat.completion", rid, server.name, choices,
+                            usage=api.usage(len(prompt), sum(len(s.output) for s in seqs)))
+
+    return app
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
