@@ -171,7 +171,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
 
     model, tok, stop_ids = _load_for_inference(a)
     engine = Engine(model, tok, max_batch=a.max_batch, max_len=a.max_len, max_waiting=a.max_waiting,
-                    compile=a.compile)
+                    compile=a.compile, batch_invariant=a.batch_invariant)
     name = a.name or Path(a.model).resolve().name
     server = Server(engine, tok, name, stop_ids, api_key=a.api_key or os.environ.get("HERD_API_KEY"))
     print(f"herd: serving '{name}' on http://{a.host}:{a.port}/v1 ({a.max_batch} slots of {engine.max_len} tokens)",
@@ -275,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-len", type=int, default=None, help="context per sequence (default: the model's)")
     s.add_argument("--max-waiting", type=int, default=64, help="queued requests beyond this get 503")
     s.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    s.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True,
+                   help="decode all slots every step, so a request's output never depends on the others (default); "
+                        "--no-batch-invariant is faster at low load")
     s.add_argument("--drain-timeout", type=int, default=30, help="seconds to finish open requests on shutdown")
     s.add_argument("--log-level", default="info")
     s.set_defaults(fn=cmd_serve)

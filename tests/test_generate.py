@@ -1,5 +1,9 @@
 """Generation: batched KV-cache decoding against full recomputation and against transformers' greedy generate."""
 
+import io
+import subprocess
+import sys
+
 import torch
 
 import herd
@@ -42,3 +46,42 @@ def test_stop_ids_seed_and_sampling_rules():
     assert sample(logits, temperature=1.0, top_k=1).item() == 2
     # top-p keeps the smallest set whose preceding mass is <= p: here only the 0.84-probability token.
     assert all(sample(logits, temperature=1.0, top_p=0.5).item() == 2 for _ in range(20))
+
+
+def test_chat_repl_history_reset_and_system_prompt(small_tokenizer):
+    from herd.inference.chat_repl import chat_repl
+    from herd.inference.generate import complete
+    from herd.inference.sampling import SamplingParams
+    from herd.tokenizer import ChatFormat
+
+    from .helpers import random_model
+
+    tok, _ = small_tokenizer
+    model = random_model(vocab_size=tok.n_words)
+    params = SamplingParams(max_new_tokens=12, stop_ids=tuple(tok.stop_tokens))
+    lines = iter(["hello", "/reset", "/system Be brief.", "first", "second", "/exit"])
+    out = io.StringIO()
+    dialog = chat_repl(model, tok, params, read=lambda _: next(lines), out=out)
+    assert out.getvalue().count("(conversation reset)") == 2
+    assert [m["role"] for m in dialog] == ["system", "user", "assistant", "user", "assistant"]
+    assert dialog[0]["content"] == "Be brief." and dialog[3]["content"] == "second"
+    # Every reply is the greedy completion of the whole dialog so far.
+    prompt = ChatFormat(tok).encode_dialog_prompt(dialog[:4])
+    assert dialog[4]["content"] == complete(model, [prompt], params, tok)[0].text
+    assert dialog[4]["content"] in out.getvalue()
+
+
+def test_cli_generate_streams_a_completion(small_tokenizer, tmp_path):
+    from .helpers import random_model
+
+    tok, _ = small_tokenizer
+    herd.save_model(random_model(vocab_size=tok.n_words), tmp_path / "m", tokenizer=tok)
+    cmd = [sys.executable, "-m", "herd", "generate", "--model", str(tmp_path / "m"), "--prompt", "Hello",
+           "--temperature", "0", "--max-new-tokens", "10", "--stop", "\u2603"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    model = herd.load_model(tmp_path / "m")
+    want = tok.decode(generate(model, [tok.encode("Hello", bos=True)], 10, stop_ids=tok.stop_tokens)[0])
+    assert r.stdout == "Hello" + want + "\n"
+    bad = subprocess.run(cmd[:-4] + ["--temperature", "-1"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "temperature" in bad.stderr

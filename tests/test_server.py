@@ -10,19 +10,18 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import openai
 import pytest
 import torch
+import uvicorn
 
-openai = pytest.importorskip("openai")
-uvicorn = pytest.importorskip("uvicorn")
+import herd
+from herd.checkpoint import read_generation_config
+from herd.inference.engine import Engine
+from herd.inference.server import Server, create_app
+from herd.tokenizer import ChatFormat, Tokenizer
 
-import herd  # noqa: E402
-from herd.checkpoint import read_generation_config  # noqa: E402
-from herd.inference.engine import Engine  # noqa: E402
-from herd.inference.server import Server, create_app  # noqa: E402
-from herd.tokenizer import ChatFormat, Tokenizer  # noqa: E402
-
-from .helpers import random_model  # noqa: E402
+from .helpers import random_model
 
 KEY = "test-key"
 
@@ -226,3 +225,62 @@ def test_cli_serve_drains_requests_on_sigterm(model_dir):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+MC_QUESTIONS = [
+    ("The capital of France is", ["Paris", "Rome", "Berlin"], 0),
+    ("Two plus two equals", ["three", "four", "five"], 1),
+    ("The colour of the sky is", ["green", "red", "blue"], 2),
+    ("A cat says", ["meow", "woof", "moo"], 0),
+    ("Ice is made of", ["fire", "water", "sand"], 1),
+    ("The opposite of hot is", ["warm", "loud", "cold"], 2),
+]
+
+
+def test_lm_eval_local_completions_scores_a_multiple_choice_task(live, model_dir, tmp_path, monkeypatch):
+    """lm-evaluation-harness, offline, against the live server: its per-choice log-likelihoods and its accuracy equal
+    the ones computed here directly from the model with lm-eval's tokenization (context, then " choice")."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n"
+                            for q, c, a in MC_QUESTIONS))
+    (tmp_path / "herd_tiny_mc.yaml").write_text(f"""task: herd_tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+""")
+    results = lm_eval.simple_evaluate(
+        model="local-completions",
+        model_args={"base_url": live[1] + "/v1/completions", "model": "tiny-chat", "tokenizer": str(model_dir),
+                    "tokenizer_backend": "huggingface", "num_concurrent": 1, "max_retries": 1, "max_length": 256},
+        tasks=["herd_tiny_mc"], task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True)
+
+    tok, model = Tokenizer(model_dir), herd.load_model(model_dir)
+    correct, want_ll = 0, []
+    for question, choices, answer in MC_QUESTIONS:
+        lls = []
+        for choice in choices:
+            ctx = tok.encode(question)
+            cont = tok.encode(question + " " + choice)[len(ctx):]
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([ctx + cont]))[0], dim=-1)
+            lls.append(sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont)))
+        want_ll.append(lls)
+        correct += max(range(len(lls)), key=lls.__getitem__) == answer
+    samples = sorted(results["samples"]["herd_tiny_mc"], key=lambda s: s["doc_id"])
+    got_ll = [[r[0][0] for r in s["resps"]] for s in samples]
+    assert [g == pytest.approx(w, abs=1e-3) for g, w in zip(got_ll, want_ll)] == [True] * len(MC_QUESTIONS)
+    assert results["results"]["herd_tiny_mc"]["acc,none"] == pytest.approx(correct / len(MC_QUESTIONS))

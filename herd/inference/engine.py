@@ -5,10 +5,13 @@ own positions there, starting at 0, so no padding is ever needed. ``step()`` fir
 free slots (one prefill each, written into that row only), then runs one decode step for every running sequence
 together. Sequences join and leave between steps: this is what lets a server share decode steps between requests.
 
-Batch invariance: the decode step always runs on all ``max_batch`` rows (idle rows compute a dummy token), and the
-attended cache width is rounded up to a multiple of 64. A matrix multiply gives a row the same bits whatever the
-other rows hold, but not whatever the batch *size* is (different kernels), so with fixed shapes a request's greedy
-output does not depend on what else is being served.
+Batch invariance (the default): the decode step always runs on all ``max_batch`` rows (idle rows compute a dummy
+token), and the attended cache width is rounded up to a multiple of 64. A matrix multiply gives a row the same bits
+whatever the other rows hold, but not whatever the batch *size* is (different kernels), so with fixed shapes a
+request's greedy output does not depend on what else is being served. The price is paid at low load: one request
+on an 8-slot engine computes 8 rows. ``batch_invariant=False`` decodes only rows up to the highest busy slot (slots
+are handed out lowest first), which is faster when lightly loaded; outputs then agree with a solo run only up to
+fp32 rounding (a greedy tie broken differently is possible, if rare).
 
 Thread use: ``submit`` and ``Sequence.cancel`` may be called from any thread; ``step`` / ``loop`` from one thread.
 """
@@ -19,8 +22,9 @@ import logging
 import secrets
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from collections.abc import Sequence as Seq
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -122,12 +126,14 @@ class Engine:
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None = None, max_batch: int = 8,
-                 max_len: int | None = None, max_waiting: int = 256, compile: bool = False):
+                 max_len: int | None = None, max_waiting: int = 256, compile: bool = False,
+                 batch_invariant: bool = True):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.max_len = min(max_len or model.args.max_seq_len, model.args.max_seq_len)
         self.max_waiting = max_waiting
+        self.batch_invariant = batch_invariant
         self.slots: list[Sequence | None] = [None] * max_batch
         self.waiting: deque[Sequence] = deque()
         self._wake = threading.Condition()
@@ -221,15 +227,9 @@ class Engine:
         tokens = torch.tensor([seq.prompt], device=self.device)
         pos = torch.arange(P, device=self.device)[None]
         causal = torch.ones(P, P, dtype=torch.bool, device=self.device).tril()[None, None]
-        caches = [layer.attention.kv_cache for layer in self.model.layers.values()]
-        for layer, cache in zip(self.model.layers.values(), caches):  # write into this sequence's row only
-            layer.attention.kv_cache = cache.narrow(seq.slot, 1)
-        try:
-            want_prompt = seq.params.prompt_logprobs
+        want_prompt = seq.params.prompt_logprobs
+        with self._cache_rows(seq.slot, 1):  # write into this sequence's row only
             logits = self.model(tokens, positions=pos, mask=causal, cache_pos=pos, last_only=not want_prompt)[0]
-        finally:
-            for layer, cache in zip(self.model.layers.values(), caches):
-                layer.attention.kv_cache = cache
         seq.length = P
         if want_prompt:
             seq.prompt_logprobs = token_logprobs(logits[:-1], tokens[0, 1:], seq.params.logprobs or 0)
@@ -239,7 +239,7 @@ class Engine:
             self._accept(seq, logits[-1])
 
     def _decode(self, running: list[Sequence]) -> None:
-        n = len(self.slots)
+        n = len(self.slots) if self.batch_invariant else max(seq.slot for seq in running) + 1
         tokens = torch.zeros(n, 1, dtype=torch.long)
         pos = torch.zeros(n, 1, dtype=torch.long)  # idle rows: a dummy token at position 0 of their free row
         for seq in running:
@@ -249,10 +249,27 @@ class Engine:
         tokens, pos = tokens.to(self.device), pos.to(self.device)
         # Each row attends to its own slots 0..pos (everything it has written, including this token).
         mask = (torch.arange(width, device=self.device)[None, :] <= pos)[:, None, None, :]
-        logits = self._decode_forward(tokens, positions=pos, mask=mask, cache_pos=pos)[:, -1]
+        with self._cache_rows(0, n):
+            logits = self._decode_forward(tokens, positions=pos, mask=mask, cache_pos=pos)[:, -1]
         for seq in running:
             seq.length += 1
             self._accept(seq, logits[seq.slot])
+
+    @contextmanager
+    def _cache_rows(self, start: int, n: int) -> Iterator[None]:
+        """Let the model see rows ``[start, start + n)`` of every layer's cache (views: writes land in place)."""
+        layers = list(self.model.layers.values())
+        caches = [layer.attention.kv_cache for layer in layers]
+        if start == 0 and n == caches[0].k.size(0):
+            yield
+            return
+        for layer, cache in zip(layers, caches):
+            layer.attention.kv_cache = cache.narrow(start, n)
+        try:
+            yield
+        finally:
+            for layer, cache in zip(layers, caches):
+                layer.attention.kv_cache = cache
 
     def _accept(self, seq: Sequence, logits: Tensor) -> None:
         """Sample the next token of ``seq`` from its ``logits [V]`` and report it."""

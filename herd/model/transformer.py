@@ -115,12 +115,12 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | BlockMask | None) -> 
     """Scaled dot-product attention over ``[B, H, S, hd]`` queries and ``[B, H_kv, T, hd]`` keys/values."""
     if BlockMask is not None and isinstance(mask, BlockMask):
         return _flex_attention(q, k, v, block_mask=mask, enable_gqa=True)
-    n_rep = q.size(1) // k.size(1)
-    if n_rep > 1:  # query head h reads KV head h // n_rep
-        k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+    # Query head h reads KV head h // (H / H_kv); enable_gqa does that without copying the keys/values H / H_kv
+    # times (which, when decoding, costs as much memory traffic as the attention itself).
+    gqa = q.size(1) != k.size(1)
     if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
 def _flex_attention(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
