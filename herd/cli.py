@@ -288,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     from herd.checkpoint import CheckpointError
     from herd.data.readers import DataError
     from herd.tokenizer import TokenizerError
+    from herd.train.resilience import BadStepError
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -298,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
             args.fn(args, extra)
         else:
             args.fn(args)
-    except (CheckpointError, TokenizerError, DataError, ValueError, FileExistsError, FileNotFoundError) as e:
+    except (CheckpointError, TokenizerError, DataError, ValueError, FileExistsError, FileNotFoundError,
+            BadStepError) as e:
         if os.environ.get("HERD_DEBUG"):
             raise
         print(f"herd: error: {e}", file=sys.stderr)

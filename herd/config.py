@@ -75,6 +75,10 @@ class TrainConfig:
     val_interval: int = 0  # steps between validation passes (0: only at the end)
     val_batches: int = 4
     peak_flops: float = 0.0  # FLOP/s for MFU; 0: known-device table, or a measured matmul peak on CPU
+    on_bad_step: str = "skip"  # non-finite loss/grad norm or a spike: skip (drop the update) | stop
+    max_bad_steps: int = 5  # consecutive bad steps tolerated before stopping
+    spike_factor: float = 0.0  # a loss above this x its recent mean is a bad step (0: no spike check)
+    step_timeout_s: float = 0.0  # a step longer than this dumps all stacks and exits 1 (0: no watchdog)
 
 
 @dataclass

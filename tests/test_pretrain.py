@@ -286,3 +286,32 @@ def test_compiled_blocks_and_bf16_autocast_train(tmp_path, shards_dir):
     losses = _losses(tmp_path / "bf16")
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
     assert np.allclose(losses[:3], _losses(tmp_path / "eager"), rtol=0.05)
+
+
+# --- resilience -------------------------------------------------------------------------------------------------
+def test_poisoned_step_is_skipped_or_stops_the_run(tmp_path, shards_dir):
+    ref = _pretrain(tmp_path / "ref", shards_dir, "--train.steps=5")
+    bad = _pretrain(tmp_path / "bad", shards_dir, "--train.steps=5", env={"HERD_FAULT": "nan-at:3"})
+    assert ref.returncode == 0 and bad.returncode == 0, bad.stderr
+    records = [json.loads(line) for line in (tmp_path / "bad" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    assert records[2]["loss"] is None and records[2]["skipped"].startswith("non-finite loss")
+    assert "step 3: non-finite loss" in bad.stderr
+    assert [r["loss"] for r in records[:2]] == _losses(tmp_path / "ref")[:2]
+    assert all(np.isfinite(r["loss"]) and "skipped" not in r for r in records[3:])
+    model = herd.load_model(tmp_path / "bad" / "model")  # the NaN gradients never reached the weights
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    stop = _pretrain(tmp_path / "stop", shards_dir, "--train.steps=5", "--train.on_bad_step=stop",
+                     env={"HERD_FAULT": "nan-at:2"})
+    assert stop.returncode == 2 and "step 2: non-finite loss" in stop.stderr
+    typo = _pretrain(tmp_path / "typo", shards_dir, "--train.on_bad_step=ignore")
+    assert typo.returncode == 2 and "on_bad_step" in typo.stderr
+
+
+def test_hung_step_dumps_stacks_and_exits(tmp_path, shards_dir):
+    t0 = time.time()
+    r = _pretrain(tmp_path / "hang", shards_dir, "--train.steps=4", "--train.step_timeout_s=5",
+                  env={"HERD_FAULT": "hang-at:2"})
+    assert r.returncode == 1 and "maybe_hang" in r.stderr and "Timeout" in r.stderr
+    assert time.time() - t0 < 120
+    assert len(_losses(tmp_path / "hang")) == 1  # step 1 finished and was logged before the hang

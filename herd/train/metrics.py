@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ class MetricsLogger:
                 pass
 
     def log(self, record: dict[str, Any]) -> None:
+        # NaN / Inf are not JSON: a skipped step's non-finite loss is written as null (its "skipped" says why).
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         os.fsync(self.file.fileno())

@@ -9,7 +9,6 @@ checkpoint with the same data order, RNG state and loss trajectory (bit-identica
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from herd.train import checkpointing
 from herd.train.metrics import MetricsLogger
 from herd.train.optim import build_optimizer, lr_at
 from herd.train.parallelize import prepare_for_training
+from herd.train.resilience import LossGuard, StepWatchdog, injected_fault, maybe_hang
 
 
 def resolve_device(name: str) -> torch.device:
@@ -127,6 +127,11 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> list[dict]:
         raise ConfigError(f"train.dtype must be auto, fp32 or bf16, got {tc.dtype!r}")
     if tc.decay not in ("cosine", "linear"):
         raise ConfigError(f"train.decay must be cosine or linear, got {tc.decay!r}")
+    try:
+        guard = LossGuard(tc.on_bad_step, tc.spike_factor, tc.max_bad_steps)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    watchdog = StepWatchdog(tc.step_timeout_s)
     use_bf16 = tc.dtype == "bf16" or (tc.dtype == "auto" and device.type == "cuda")
     compute_dtype = torch.bfloat16 if use_bf16 else torch.float32
 
@@ -170,19 +175,23 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> list[dict]:
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum = 0.0
-        for batch in train_loader.next_batch(tc.grad_accum):
-            mask, positions = attention_inputs(batch, cfg, device)
-            with autocast():
-                logits = model(batch.inputs.to(device), positions=positions, mask=mask)
-            loss = loss_fn(logits, batch.targets.to(device)) / tc.grad_accum
-            loss.backward()
-            loss_sum += loss.item()
-        if not math.isfinite(loss_sum):
-            raise FloatingPointError(f"step {step + 1}: loss is {loss_sum}; stopping rather than training on it")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else
-                                                   float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        with watchdog:
+            maybe_hang(step + 1)
+            for batch in train_loader.next_batch(tc.grad_accum):
+                mask, positions = attention_inputs(batch, cfg, device)
+                with autocast():
+                    logits = model(batch.inputs.to(device), positions=positions, mask=mask)
+                loss = loss_fn(logits, batch.targets.to(device)) / tc.grad_accum
+                if injected_fault("nan-at", step + 1):
+                    loss = loss * float("nan")
+                loss.backward()
+                loss_sum += loss.item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else
+                                                       float("inf"))
+            skipped = guard.check(step + 1, loss_sum, grad_norm.item())
+            if skipped is None:  # a bad step's gradients are dropped: the model never sees NaN/Inf updates
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -190,6 +199,8 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> list[dict]:
         record = {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm.item(),
                   "tokens_per_s": tps, "step_time_s": dt, "mfu": flops_per_token * tps / peak if peak else None,
                   "memory_gb": _memory_gb(device), "tokens_seen": (step + 1) * tokens_per_step}
+        if skipped is not None:
+            record["skipped"] = skipped
         is_last = step + 1 == tc.steps
         if val_loader is not None and (is_last or (tc.val_interval and (step + 1) % tc.val_interval == 0)):
             model.eval()
