@@ -95,12 +95,22 @@ class LogConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Data parallelism under torchrun: FSDP2 shards parameters, gradients and optimizer state over ``dp_shard``
+    ranks; ``dp_replicate`` > 1 adds replica groups (HSDP). Their product must equal the number of processes."""
+
+    dp_replicate: int = 1
+    dp_shard: int = 1
+
+
+@dataclass
 class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 # --- loading ----------------------------------------------------------------------------------------------------

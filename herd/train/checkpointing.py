@@ -67,25 +67,34 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    trainer_state: dict[str, Any], keep: int) -> Path:
+                    trainer_state: dict[str, Any], keep: int, world: Any = None) -> Path:
+    """Every rank writes its shards with DCP into the temporary directory; rank 0 then writes the trainer state,
+    fsyncs and renames. ``world`` (train.parallelize.World) is None for a single process."""
+    main = world is None or world.is_main
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
     tmp = root / f".step-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if world is not None:
+        world.barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # single-process DCP warns that no process group exists
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     if os.environ.get("HERD_FAULT") == f"kill-in-save:{step}":  # fault injection for tests: die mid-save
         os.kill(os.getpid(), signal.SIGKILL)
-    torch.save({**trainer_state, "rng": rng_state(), "step": step}, tmp / TRAINER_STATE)
-    fsync_tree(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fsync_dir(root)
-    for _, old in list_checkpoints(root)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    if main:
+        torch.save({**trainer_state, "rng": rng_state(), "step": step}, tmp / TRAINER_STATE)
+        fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(root)
+        for _, old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    if world is not None:
+        world.barrier()
     return final
 
 

@@ -29,8 +29,8 @@ from herd.tokenizer import Tokenizer
 from herd.train import checkpointing
 from herd.train.metrics import MetricsLogger
 from herd.train.optim import build_optimizer, lr_at
-from herd.train.parallelize import prepare_for_training
-from herd.train.resilience import LossGuard, StepWatchdog, injected_fault, maybe_hang
+from herd.train.parallelize import World, init_world, prepare_for_training
+from herd.train.resilience import LossGuard, StepWatchdog, injected_fault, maybe_hang, maybe_kill
 
 
 def resolve_device(name: str) -> torch.device:
@@ -84,7 +84,8 @@ def peak_flops_for(device: torch.device, dtype: torch.dtype, cfg: PretrainConfig
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, loader: PackedLoader, cfg: PretrainConfig, device: torch.device, autocast) -> float:
+def evaluate(model: Transformer, loader: PackedLoader, cfg: PretrainConfig, device: torch.device, autocast,
+             world: World) -> float:
     """Mean loss over the first ``val_batches`` validation batches (always the same ones: no zig-zag)."""
     loader.windows_consumed = 0
     losses = []
@@ -94,13 +95,23 @@ def evaluate(model: Transformer, loader: PackedLoader, cfg: PretrainConfig, devi
         with autocast():
             logits = model(batch.inputs.to(device), positions=positions, mask=mask)
         losses.append(loss_fn(logits, batch.targets.to(device)).item())
-    return sum(losses) / len(losses)
+    return world.mean(sum(losses) / len(losses))
 
 
 def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> list[dict]:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
+    tc = cfg.train
+    device = resolve_device(tc.device)
+    world = init_world(cfg, device)  # checks the layout first; a process group only under torchrun
+    try:
+        return _pretrain(cfg, run_dir, device, world, t_start)
+    finally:
+        world.close()
+
+
+def _pretrain(cfg: PretrainConfig, run_dir: Path, device: torch.device, world: World, t_start: float) -> list[dict]:
     tc = cfg.train
 
     # --- data -----------------------------------------------------------------------------------------------
@@ -117,12 +128,13 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> list[dict]:
     if tc.grad_accum < 1 or cfg.data.batch_size % tc.grad_accum:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not divisible by train.grad_accum={tc.grad_accum}")
     train_docs, val_docs = split_documents(shards, cfg.data.val_fraction)
-    train_loader = PackedLoader(shards, train_docs, cfg.data.seq_len, cfg.data.batch_size, cfg.data.seed)
+    train_loader = PackedLoader(shards, train_docs, cfg.data.seq_len, cfg.data.batch_size, cfg.data.seed,
+                                rank=world.rank, world_size=world.size)
     val_loader = (PackedLoader(shards, val_docs, cfg.data.seq_len, cfg.data.batch_size // tc.grad_accum,
-                               cfg.data.seed, shuffle=False) if len(val_docs) and tc.val_batches > 0 else None)
+                               cfg.data.seed, rank=world.rank, world_size=world.size, shuffle=False)
+                  if len(val_docs) and tc.val_batches > 0 else None)
 
     # --- model and optimizer --------------------------------------------------------------------------------
-    device = resolve_device(tc.device)
     if tc.dtype not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"train.dtype must be auto, fp32 or bf16, got {tc.dtype!r}")
     if tc.decay not in ("cosine", "linear"):
@@ -135,39 +147,45 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> list[dict]:
     use_bf16 = tc.dtype == "bf16" or (tc.dtype == "auto" and device.type == "cuda")
     compute_dtype = torch.bfloat16 if use_bf16 else torch.float32
 
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    def autocast():  # under FSDP, bf16 comes from its mixed-precision policy instead
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16 and not world.distributed)
 
     args = build_model_args(cfg, tokenizer.n_words)
     model = Transformer(args)
     model.init_weights(seed=tc.seed)  # parameters stay fp32; bf16 comes from autocast
     model.to(device)
-    prepare_for_training(model, tc)
+    prepare_for_training(model, tc, world, bf16=use_bf16)
     optimizer = build_optimizer(model, tc)
 
     # --- resume ---------------------------------------------------------------------------------------------
     ckpt_root = run_dir / "checkpoints"
     start_step = 0
-    checkpointing.remove_incomplete(ckpt_root)
+    if world.is_main:
+        checkpointing.remove_incomplete(ckpt_root)
+    world.barrier()
     latest = checkpointing.latest_checkpoint(ckpt_root)
     if latest is not None:
         state = checkpointing.load_checkpoint(latest, model, optimizer)
         train_loader.load_state_dict(state["loader"])
         checkpointing.set_rng_state(state["rng"])
         start_step = state["step"]
-        print(f"resumed from {latest} (step {start_step})")
-    atomic_write_text(run_dir / "config.toml", to_toml(cfg))
+        if world.is_main:
+            print(f"resumed from {latest} (step {start_step})")
+    if world.is_main:
+        atomic_write_text(run_dir / "config.toml", to_toml(cfg))
 
     # --- loop -----------------------------------------------------------------------------------------------
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     flops_per_token = flops.train_flops_per_token(args, cfg.data.seq_len)
     peak, peak_source = peak_flops_for(device, compute_dtype, cfg)
-    logger = MetricsLogger(run_dir, resume_step=start_step, tensorboard=cfg.log.tensorboard)
-    print(f"model: {flops.count_params(args):,} parameters on {device} ({compute_dtype}); "
-          f"{tokens_per_step:,} tokens/step; MFU peak: {peak_source}")
+    logger = MetricsLogger(run_dir, resume_step=start_step, tensorboard=cfg.log.tensorboard) if world.is_main \
+        else None
+    if world.is_main:
+        print(f"model: {flops.count_params(args):,} parameters on {device} ({compute_dtype}); "
+              f"{tokens_per_step:,} tokens/step over {world.size} data-parallel rank(s); MFU peak: {peak_source}")
     records = []
-    bar = tqdm(total=tc.steps, initial=start_step, desc="pretrain", unit="step", disable=not cfg.log.progress,
-               dynamic_ncols=True)
+    bar = tqdm(total=tc.steps, initial=start_step, desc="pretrain", unit="step",
+               disable=not (cfg.log.progress and world.is_main), dynamic_ncols=True)
     model.train()
     for step in range(start_step, tc.steps):
         t0 = time.perf_counter()
@@ -177,6 +195,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> list[dict]:
         loss_sum = 0.0
         with watchdog:
             maybe_hang(step + 1)
+            maybe_kill(step + 1, world.rank)
             for batch in train_loader.next_batch(tc.grad_accum):
                 mask, positions = attention_inputs(batch, cfg, device)
                 with autocast():
@@ -188,6 +207,9 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> list[dict]:
                 loss_sum += loss.item()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else
                                                        float("inf"))
+            if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP: every rank gets the global norm
+                grad_norm = grad_norm.full_tensor()
+            loss_sum = world.mean(loss_sum)  # every rank logs, and judges the step by, the global mean loss
             skipped = guard.check(step + 1, loss_sum, grad_norm.item())
             if skipped is None:  # a bad step's gradients are dropped: the model never sees NaN/Inf updates
                 optimizer.step()
@@ -196,36 +218,55 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> list[dict]:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         tps = tokens_per_step / dt
+        mfu = flops_per_token * tps / (peak * world.size) if peak else None  # per-device peak, all devices
         record = {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm.item(),
-                  "tokens_per_s": tps, "step_time_s": dt, "mfu": flops_per_token * tps / peak if peak else None,
+                  "tokens_per_s": tps, "step_time_s": dt, "mfu": mfu,
                   "memory_gb": _memory_gb(device), "tokens_seen": (step + 1) * tokens_per_step}
         if skipped is not None:
             record["skipped"] = skipped
         is_last = step + 1 == tc.steps
         if val_loader is not None and (is_last or (tc.val_interval and (step + 1) % tc.val_interval == 0)):
             model.eval()
-            record["val_loss"] = evaluate(model, val_loader, cfg, device, autocast)
+            record["val_loss"] = evaluate(model, val_loader, cfg, device, autocast, world)
             model.train()
-        logger.log(record)
+        if logger is not None:
+            logger.log(record)
         records.append(record)
         bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
         bar.update(1)
         if is_last or (cfg.checkpoint.interval and (step + 1) % cfg.checkpoint.interval == 0):
-            _save(ckpt_root, step + 1, model, optimizer, train_loader, cfg)
+            _save(ckpt_root, step + 1, model, optimizer, train_loader, cfg, world)
     bar.close()
-    logger.close()
+    if logger is not None:
+        logger.close()
 
     if cfg.checkpoint.export_hf:
-        save_model(model, run_dir / "model", tokenizer=tokenizer, overwrite=True)
-    print(f"done: {tc.steps} steps in {time.perf_counter() - t_start:.1f} s; model in {run_dir / 'model'}")
+        export_model(model, args, run_dir / "model", tokenizer, world)
+    if world.is_main:
+        print(f"done: {tc.steps} steps in {time.perf_counter() - t_start:.1f} s; model in {run_dir / 'model'}")
     return records
 
 
-def _save(root: Path, step: int, model, optimizer, loader: PackedLoader, cfg: PretrainConfig) -> None:
+def export_model(model: Transformer, args: ModelArgs, path: Path, tokenizer: Tokenizer, world: World) -> None:
+    """The trained model as an HF-layout directory; under FSDP the full weights are gathered to rank 0 first."""
+    if not world.distributed:
+        save_model(model, path, tokenizer=tokenizer, overwrite=True)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if world.is_main:
+        plain = Transformer(args)
+        plain.load_state_dict(full)
+        save_model(plain, path, tokenizer=tokenizer, overwrite=True)
+    world.barrier()
+
+
+def _save(root: Path, step: int, model, optimizer, loader: PackedLoader, cfg: PretrainConfig, world: World) -> None:
     checkpointing.save_checkpoint(root, step, model, optimizer,
                                   {"loader": loader.state_dict(), "config": dataclasses.asdict(cfg),
                                    "model_args": dataclasses.asdict(model.args)},
-                                  keep=cfg.checkpoint.keep)
+                                  keep=cfg.checkpoint.keep, world=world)
 
 
 def _memory_gb(device: torch.device) -> float:

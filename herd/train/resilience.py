@@ -10,7 +10,8 @@
 
 Not covered here (yet): rolling back to the last checkpoint, and cross-replica checksums (distributed issue).
 
-Fault injection for tests: ``HERD_FAULT=nan-at:N`` poisons step N's loss, ``HERD_FAULT=hang-at:N`` hangs step N.
+Fault injection for tests: ``HERD_FAULT=nan-at:N`` poisons step N's loss, ``HERD_FAULT=hang-at:N`` hangs step N,
+``HERD_FAULT=kill-rankR-at:N`` kills rank R at step N (first attempt only).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import faulthandler
 import math
 import os
+import signal
 import sys
 import time
 
@@ -30,6 +32,13 @@ def injected_fault(kind: str, step: int) -> bool:
 def maybe_hang(step: int) -> None:
     if injected_fault("hang-at", step):
         time.sleep(10**6)
+
+
+def maybe_kill(step: int, rank: int) -> None:
+    """``HERD_FAULT=kill-rankR-at:N``: rank R dies (SIGKILL) at step N, in the first attempt only (torchrun counts
+    restarts in TORCHELASTIC_RESTART_COUNT), as a lost machine would."""
+    if injected_fault(f"kill-rank{rank}-at", step) and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class BadStepError(RuntimeError):
