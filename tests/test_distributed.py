@@ -56,6 +56,9 @@ def test_killed_rank_restarts_from_the_last_checkpoint(tmp_path, shards_dir, sin
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [rec["step"] for rec in records] == [1, 2, 3, 4, 5, 6]
     assert np.allclose([rec["loss"] for rec in records], single, rtol=1e-5, atol=0)
+    report = [line for line in r.stdout.splitlines() if line.startswith("goodput:")]
+    assert len(report) == 1 and "restarts 1)" in report[0]  # the count survived the restart in the checkpoint
+    assert all(0 < rec["goodput"] <= 1 for rec in records)
 
 
 def test_bad_layouts_fail_before_any_process_group(tmp_path, shards_dir):  # noqa: F811

@@ -297,6 +297,7 @@ def test_poisoned_step_is_skipped_or_stops_the_run(tmp_path, shards_dir):
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
     assert records[2]["loss"] is None and records[2]["skipped"].startswith("non-finite loss")
     assert "step 3: non-finite loss" in bad.stderr
+    assert "goodput:" in bad.stdout and "restarts 0)" in bad.stdout  # the skipped step counts as lost time
     assert [r["loss"] for r in records[:2]] == _losses(tmp_path / "ref")[:2]
     assert all(np.isfinite(r["loss"]) and "skipped" not in r for r in records[3:])
     model = herd.load_model(tmp_path / "bad" / "model")  # the NaN gradients never reached the weights

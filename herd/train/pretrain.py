@@ -9,6 +9,7 @@ checkpoint with the same data order, RNG state and loss trajectory (bit-identica
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from herd.train import checkpointing
 from herd.train.metrics import MetricsLogger
 from herd.train.optim import build_optimizer, lr_at
 from herd.train.parallelize import World, init_world, prepare_for_training
-from herd.train.resilience import LossGuard, StepWatchdog, injected_fault, maybe_hang, maybe_kill
+from herd.train.resilience import Goodput, LossGuard, StepWatchdog, injected_fault, maybe_hang, maybe_kill
 
 
 def resolve_device(name: str) -> torch.device:
@@ -164,11 +165,14 @@ def _pretrain(cfg: PretrainConfig, run_dir: Path, device: torch.device, world: W
         checkpointing.remove_incomplete(ckpt_root)
     world.barrier()
     latest = checkpointing.latest_checkpoint(ckpt_root)
+    goodput = Goodput()
     if latest is not None:
         state = checkpointing.load_checkpoint(latest, model, optimizer)
         train_loader.load_state_dict(state["loader"])
         checkpointing.set_rng_state(state["rng"])
         start_step = state["step"]
+        goodput = Goodput(state.get("goodput"))
+        goodput.resumed(_logged_step_time_after(run_dir / "metrics.jsonl", start_step))
         if world.is_main:
             print(f"resumed from {latest} (step {start_step})")
     if world.is_main:
@@ -187,6 +191,7 @@ def _pretrain(cfg: PretrainConfig, run_dir: Path, device: torch.device, world: W
     bar = tqdm(total=tc.steps, initial=start_step, desc="pretrain", unit="step",
                disable=not (cfg.log.progress and world.is_main), dynamic_ncols=True)
     model.train()
+    goodput.add("startup", time.perf_counter() - t_start)
     for step in range(start_step, tc.steps):
         t0 = time.perf_counter()
         lr = lr_at(step, tc)
@@ -224,18 +229,24 @@ def _pretrain(cfg: PretrainConfig, run_dir: Path, device: torch.device, world: W
                   "memory_gb": _memory_gb(device), "tokens_seen": (step + 1) * tokens_per_step}
         if skipped is not None:
             record["skipped"] = skipped
+        goodput.add("productive" if skipped is None else "lost", dt)
         is_last = step + 1 == tc.steps
         if val_loader is not None and (is_last or (tc.val_interval and (step + 1) % tc.val_interval == 0)):
+            t_eval = time.perf_counter()
             model.eval()
             record["val_loss"] = evaluate(model, val_loader, cfg, device, autocast, world)
             model.train()
+            goodput.add("evaluation", time.perf_counter() - t_eval)
+        record["goodput"] = goodput.effective
         if logger is not None:
             logger.log(record)
         records.append(record)
         bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
         bar.update(1)
         if is_last or (cfg.checkpoint.interval and (step + 1) % cfg.checkpoint.interval == 0):
-            _save(ckpt_root, step + 1, model, optimizer, train_loader, cfg, world)
+            t_save = time.perf_counter()
+            _save(ckpt_root, step + 1, model, optimizer, train_loader, cfg, world, goodput)
+            goodput.add("checkpoint", time.perf_counter() - t_save)
     bar.close()
     if logger is not None:
         logger.close()
@@ -244,7 +255,16 @@ def _pretrain(cfg: PretrainConfig, run_dir: Path, device: torch.device, world: W
         export_model(model, args, run_dir / "model", tokenizer, world)
     if world.is_main:
         print(f"done: {tc.steps} steps in {time.perf_counter() - t_start:.1f} s; model in {run_dir / 'model'}")
+        print(goodput.report())
     return records
+
+
+def _logged_step_time_after(metrics: Path, step: int) -> float:
+    """Seconds of the steps logged after ``step``: work done before a crash that a resume repeats."""
+    if not metrics.exists():
+        return 0.0
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return sum(r.get("step_time_s") or 0.0 for r in records if r.get("step", 0) > step)
 
 
 def export_model(model: Transformer, args: ModelArgs, path: Path, tokenizer: Tokenizer, world: World) -> None:
@@ -262,10 +282,11 @@ def export_model(model: Transformer, args: ModelArgs, path: Path, tokenizer: Tok
     world.barrier()
 
 
-def _save(root: Path, step: int, model, optimizer, loader: PackedLoader, cfg: PretrainConfig, world: World) -> None:
+def _save(root: Path, step: int, model, optimizer, loader: PackedLoader, cfg: PretrainConfig, world: World,
+          goodput: Goodput) -> None:
     checkpointing.save_checkpoint(root, step, model, optimizer,
                                   {"loader": loader.state_dict(), "config": dataclasses.asdict(cfg),
-                                   "model_args": dataclasses.asdict(model.args)},
+                                   "model_args": dataclasses.asdict(model.args), "goodput": dict(goodput.totals)},
                                   keep=cfg.checkpoint.keep, world=world)
 
 

@@ -95,3 +95,37 @@ class StepWatchdog:
     def __exit__(self, *exc) -> None:
         if self.timeout_s > 0:
             faulthandler.cancel_dump_traceback_later()
+
+
+class Goodput:
+    """Where the wall time of a run went, across restarts: ``productive`` (steps whose update was kept),
+    ``startup`` (process start to the first step: loading, process groups, resuming), ``checkpoint`` (saving),
+    ``evaluation`` (validation passes), ``lost`` (steps done before a crash and recomputed after it, and skipped bad
+    steps), with ``restarts`` counted. The totals travel in each checkpoint. Time between the last logged step and a
+    crash is not seen by anyone, so it is not counted."""
+
+    KINDS = ("productive", "startup", "checkpoint", "evaluation", "lost")
+
+    def __init__(self, prior: dict | None = None):
+        self.totals = {k: 0.0 for k in self.KINDS} | {"restarts": 0}
+        if prior:
+            self.totals.update(prior)
+
+    def add(self, kind: str, seconds: float) -> None:
+        self.totals[kind] += seconds
+
+    def resumed(self, lost_seconds: float) -> None:
+        self.totals["restarts"] += 1
+        self.totals["lost"] += lost_seconds
+
+    @property
+    def effective(self) -> float:
+        """The effective-training-time fraction: productive / all accounted wall time."""
+        total = sum(self.totals[k] for k in self.KINDS)
+        return self.totals["productive"] / total if total > 0 else 0.0
+
+    def report(self) -> str:
+        t = self.totals
+        return (f"goodput: {100 * self.effective:.1f}% effective training time (productive {t['productive']:.1f} s, "
+                f"startup {t['startup']:.1f} s, checkpointing {t['checkpoint']:.1f} s, evaluation "
+                f"{t['evaluation']:.1f} s, lost {t['lost']:.1f} s, restarts {t['restarts']})")
