@@ -75,7 +75,7 @@ class TrainConfig:
     val_interval: int = 0  # steps between validation passes (0: only at the end)
     val_batches: int = 4
     peak_flops: float = 0.0  # FLOP/s for MFU; 0: known-device table, or a measured matmul peak on CPU
-    on_bad_step: str = "skip"  # non-finite loss/grad norm or a spike: skip (drop the update) | stop
+    on_bad_step: str = "skip"  # non-finite loss/grad norm or a spike: skip (drop the update) | rollback | stop
     max_bad_steps: int = 5  # consecutive bad steps tolerated before stopping
     spike_factor: float = 0.0  # a loss above this x its recent mean is a bad step (0: no spike check)
     step_timeout_s: float = 0.0  # a step longer than this dumps all stacks and exits 1 (0: no watchdog)
@@ -85,6 +85,7 @@ class TrainConfig:
 class CheckpointConfig:
     interval: int = 0  # steps between checkpoints; 0: only at the end
     keep: int = 2  # most recent checkpoints kept
+    async_save: bool = False  # dcp.async_save: copy to host memory, write in a background thread
     export_hf: bool = True  # write the final model as an HF-layout directory (run_dir/model) with its tokenizer
 
 
@@ -96,11 +97,18 @@ class LogConfig:
 
 @dataclass
 class ParallelConfig:
-    """Data parallelism under torchrun: FSDP2 shards parameters, gradients and optimizer state over ``dp_shard``
-    ranks; ``dp_replicate`` > 1 adds replica groups (HSDP). Their product must equal the number of processes."""
+    """The device mesh under torchrun, outermost to innermost: ``pp`` x ``dp_replicate`` x ``dp_shard`` x ``tp``; the
+    product must equal the number of processes. FSDP2 shards parameters, gradients and optimizer state over
+    ``dp_shard`` ranks (``dp_replicate`` > 1 adds replica groups: HSDP); ``tp`` splits every matmul over heads / hidden
+    units (sequence parallel on the norms); ``pp`` splits the layers into pipeline stages."""
 
     dp_replicate: int = 1
     dp_shard: int = 1
+    tp: int = 1
+    pp: int = 1
+    pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved (interleaved 1F1B: two stages per pipeline rank)
+    pp_microbatches: int = 0  # micro-batches per step through the pipeline; 0: one per pipeline stage
+    sdc_check_interval: int = 0  # steps between cross-replica parameter checksums (needs dp_replicate > 1); 0: off
 
 
 @dataclass

@@ -4,6 +4,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -307,6 +308,29 @@ def test_poisoned_step_is_skipped_or_stops_the_run(tmp_path, shards_dir):
     assert stop.returncode == 2 and "step 2: non-finite loss" in stop.stderr
     typo = _pretrain(tmp_path / "typo", shards_dir, "--train.on_bad_step=ignore")
     assert typo.returncode == 2 and "on_bad_step" in typo.stderr
+
+
+def test_poisoned_step_rolls_back_and_skips_its_batch(tmp_path, shards_dir):
+    ref = _pretrain(tmp_path / "ref", shards_dir, "--train.steps=6")
+    r = _pretrain(tmp_path / "rb", shards_dir, "--train.steps=6", "--checkpoint.interval=2",
+                  "--train.on_bad_step=rollback", env={"HERD_FAULT": "nan-at:4"})
+    assert ref.returncode == 0 and r.returncode == 0, r.stderr
+    assert "step 4: non-finite loss" in r.stderr and "rolled back to" in r.stderr and "step-2" in r.stderr
+    records = [json.loads(line) for line in (tmp_path / "rb" / "metrics.jsonl").read_text().splitlines()]
+    assert [rec["step"] for rec in records] == [1, 2, 3, 4, 5, 6]  # the undone steps were dropped from the log
+    clean = _losses(tmp_path / "ref")
+    assert [rec["loss"] for rec in records[:3]] == clean[:3]  # step 3 replayed from step-2: bit-identical
+    assert np.isfinite(records[3]["loss"]) and records[3]["loss"] != clean[3]  # step 4 read the next batch
+    state = torch.load(tmp_path / "rb" / "checkpoints" / "step-6" / "trainer_state.pt", weights_only=False)
+    assert state["skip_windows"] == [3 * 4]  # the poisoned batch began after 3 steps of 4 sequences
+    assert state["goodput"]["lost"] > 0
+    # The skipped batch is remembered across a restart: resuming from step-4 continues the same trajectory.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "rb", resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-6")
+    r = _pretrain(resumed, shards_dir, "--train.steps=6", "--checkpoint.interval=2", "--train.on_bad_step=rollback")
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr
+    assert _losses(resumed) == [rec["loss"] for rec in records]
 
 
 def test_hung_step_dumps_stacks_and_exits(tmp_path, shards_dir):

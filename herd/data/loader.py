@@ -88,6 +88,10 @@ class PackedLoader:
         return [Batch(inputs[i:i + step], targets[i:i + step], doc_ids[i:i + step], positions[i:i + step])
                 for i in range(0, per_rank, step)]
 
+    def skip_batch(self) -> None:
+        """Pass over the next global batch without reading it (a rollback skipping a bad batch)."""
+        self.windows_consumed += self.batch_size
+
     def state_dict(self) -> dict:
         return {"windows_consumed": self.windows_consumed, "seed": self.seed, "seq_len": self.seq_len,
                 "epoch_tokens": self.epoch_tokens}

@@ -2,7 +2,8 @@
 
 Each checkpoint is written to ``checkpoints/.step-N.tmp`` and renamed to ``checkpoints/step-N`` once complete and
 fsynced, so a kill at any moment leaves the previous checkpoint intact and loadable; incomplete temporaries are
-ignored (and cleaned up) on the next start. The last ``keep`` checkpoints are kept.
+ignored (and cleaned up) on the next start. The last ``keep`` checkpoints are kept. DCP stores each tensor under its
+name with its global shape, so a checkpoint written at one layout (FSDP, TP, pipeline stages) loads at any other.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from herd.io import fsync_dir, fsync_tree
 
@@ -66,36 +67,110 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    trainer_state: dict[str, Any], keep: int, world: Any = None) -> Path:
-    """Every rank writes its shards with DCP into the temporary directory; rank 0 then writes the trainer state,
-    fsyncs and renames. ``world`` (train.parallelize.World) is None for a single process."""
-    main = world is None or world.is_main
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step}"
-    tmp = root / f".step-{step}.tmp"
-    if main:
-        shutil.rmtree(tmp, ignore_errors=True)
-    if world is not None:
-        world.barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # single-process DCP warns that no process group exists
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    if os.environ.get("HERD_FAULT") == f"kill-in-save:{step}":  # fault injection for tests: die mid-save
-        os.kill(os.getpid(), signal.SIGKILL)
-    if main:
-        torch.save({**trainer_state, "rng": rng_state(), "step": step}, tmp / TRAINER_STATE)
+# Optimizer state flattened to one entry per parameter name ("state.layers.0.attention.wq.weight.exp_avg",
+# "param_groups.layers.0.attention.wq.weight.lr"), so any layout, including a pipeline stage that holds only some
+# layers, saves and loads its own entries.
+_FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def _tied_alias(model: torch.nn.Module) -> bool:
+    """A pipeline stage holding a tied output head but not the embedding: the single-process model names that
+    parameter's optimizer state after the embedding, so this stage renames it to match."""
+    args = getattr(model, "args", None)
+    return bool(args and args.tie_embeddings and model.tok_embeddings is None and model.output is not None)
+
+
+def _rename_optim(sd: dict[str, Any], old: str, new: str) -> dict[str, Any]:
+    return {k.replace(f".{old}.", f".{new}.") if f".{old}." in k else k: v for k, v in sd.items()}
+
+
+def training_state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """``{"model": ..., "optim": ...}`` in the layout-independent form checkpoints use."""
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_FLAT)
+    if _tied_alias(model):
+        optim_sd = _rename_optim(optim_sd, "output.weight", "tok_embeddings.weight")
+    return {"model": model_sd, "optim": optim_sd}
+
+
+class Checkpointer:
+    """Writes training checkpoints, synchronously or with ``dcp.async_save``.
+
+    Every rank writes its shards with DCP into ``.step-N.tmp``; rank 0 then writes the trainer state, fsyncs and
+    renames it to ``step-N`` and prunes to the last ``keep``. With ``async_save`` the state is first copied to host
+    memory (the only part the training step waits for), DCP writes it from a background thread over a separate gloo
+    group, and rank 0 finalises the directory once the write is done (checked each step by ``poll``, forced by
+    ``wait`` and by the next save). Until then the previous checkpoint is the latest one: a kill at any moment leaves
+    a loadable checkpoint. ``world`` (train.parallelize.World) is None for a single process."""
+
+    def __init__(self, root: Path, keep: int, world: Any = None, async_save: bool = False):
+        self.root, self.keep, self.world, self.async_save = Path(root), keep, world, async_save
+        self.main = world is None or world.is_main
+        self.pending: tuple[Any, Path, Path, dict] | None = None  # (future, tmp, final, trainer state)
+        self.group = None
+        if async_save and world is not None and world.distributed:
+            import torch.distributed as dist
+
+            # The background write runs collectives; on the training group they could interleave with the step's.
+            self.group = dist.new_group(backend="gloo")
+
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             trainer_state: dict[str, Any]) -> None:
+        self.wait()
+        self.root.mkdir(parents=True, exist_ok=True)
+        final, tmp = self.root / f"step-{step}", self.root / f".step-{step}.tmp"
+        if self.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self._barrier()
+        sd = training_state_dicts(model, optimizer)
+        # The RNG state is taken now, with the model state, not when the write finishes.
+        state = {**trainer_state, "rng": rng_state(), "step": step}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # single-process DCP warns that no process group exists
+            if self.async_save:
+                future = dcp.async_save(sd, checkpoint_id=str(tmp),
+                                        process_group=self.group)
+                self.pending = (future, tmp, final, state)
+                return
+            dcp.save(sd, checkpoint_id=str(tmp))
+        self._finalise(tmp, final, state)
+        self._barrier()
+
+    def poll(self) -> None:
+        """Finalise a finished background write (rank 0 only: its future completes after every rank's data and the
+        metadata are written)."""
+        if self.pending is not None and self.pending[0].done():
+            self._finish_pending()
+
+    def wait(self) -> None:
+        """Block until a background write is done and finalised on every rank."""
+        if self.pending is not None:
+            self._finish_pending()
+            self._barrier()
+
+    def _finish_pending(self) -> None:
+        future, tmp, final, state = self.pending
+        self.pending = None
+        future.result()  # re-raises a failed write
+        self._finalise(tmp, final, state)
+
+    def _finalise(self, tmp: Path, final: Path, state: dict[str, Any]) -> None:
+        step = state["step"]
+        if os.environ.get("HERD_FAULT") == f"kill-in-save:{step}":  # fault injection for tests: die mid-save
+            os.kill(os.getpid(), signal.SIGKILL)
+        if not self.main:
+            return
+        torch.save(state, tmp / TRAINER_STATE)
         fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        fsync_dir(root)
-        for _, old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+        fsync_dir(self.root)
+        for _, old in list_checkpoints(self.root)[:-self.keep] if self.keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
-    if world is not None:
-        world.barrier()
-    return final
+
+    def _barrier(self) -> None:
+        if self.world is not None:
+            self.world.barrier()
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
@@ -104,15 +179,18 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         raise CheckpointCorrupt(f"{path}: incomplete checkpoint (missing .metadata or {TRAINER_STATE})")
     try:
         if optimizer is not None:
-            model_sd, optim_sd = get_state_dict(model, optimizer)
-            state = {"model": model_sd, "optim": optim_sd}
+            state = training_state_dicts(model, optimizer)
         else:
             state = {"model": get_state_dict(model, [])[0]}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             dcp.load(state, checkpoint_id=str(path))
         if optimizer is not None:
-            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            optim_sd = state["optim"]
+            if _tied_alias(model):
+                optim_sd = _rename_optim(optim_sd, "tok_embeddings.weight", "output.weight")
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=optim_sd,
+                           options=_FLAT)
         else:
             set_state_dict(model, [], model_state_dict=state["model"], optim_state_dict={})
         trainer_state = torch.load(path / TRAINER_STATE, weights_only=False)

@@ -1,51 +1,39 @@
-"""How the model is prepared for training, applied from outside the model file (torchtitan's order):
-activation checkpointing, then ``torch.compile`` per block, then FSDP2 (``fully_shard`` per block, then the root).
-The model itself never changes.
+"""How the model is laid out over devices, applied from outside the model file (torchtitan's order): tensor
+parallelism (sequence parallel on the norms), then activation checkpointing, then ``torch.compile`` per block, then
+FSDP2 (``fully_shard`` per block, then the root). Pipeline parallelism (``pipeline.py``) splits the layers into
+stages first and this is applied to each stage. The model itself never changes.
 
 Distributed runs start under torchrun (``torchrun --nproc-per-node N -m herd pretrain ...``): gloo on CPU, NCCL on
-GPU. The layout (``parallel.dp_replicate`` x ``parallel.dp_shard``) is checked against the world size and the batch
+GPU. One device mesh holds every dimension, outermost first: ``pp`` x ``dp_replicate`` x ``dp_shard`` x ``tp`` (tensor
+parallelism innermost, where the bandwidth is). The layout is checked against the world size, the model and the batch
 before any process group is created.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from herd.config import ConfigError, PretrainConfig, TrainConfig
+from herd.model.args import ModelArgs
 from herd.model.transformer import Transformer
 
-
-def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
-    """``full``: recompute every block in backward; ``selective``: every other block (half the memory saving at
-    half the recompute cost); ``none``: keep all activations."""
-    if mode == "none":
-        return
-    if mode not in ("full", "selective"):
-        raise ValueError(f"train.activation_checkpointing must be none, full or selective, got {mode!r}")
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
-    for i, (name, block) in enumerate(list(model.layers.items())):
-        if mode == "full" or i % 2 == 0:
-            model.layers[name] = checkpoint_wrapper(block, preserve_rng_state=False)
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved")
 
 
-def apply_compile(model: Transformer) -> None:
-    """Compile each block separately: the blocks are identical, so one graph is reused and compile time stays low."""
-    for block in model.layers.values():
-        block.compile(fullgraph=True)
-
-
+# --- the layout ------------------------------------------------------------------------------------------------
 @dataclass
 class World:
-    """This process's place in the data-parallel layout (rank 0 of 1 without torchrun)."""
+    """This process's place in the mesh (rank 0 of 1 without torchrun)."""
 
     rank: int = 0
     size: int = 1
-    mesh: object = None  # a DeviceMesh when distributed
+    mesh: object = None  # a DeviceMesh over the dimensions of degree > 1, when distributed
+    degrees: dict = field(default_factory=lambda: dict.fromkeys(MESH_DIMS, 1))
 
     @property
     def is_main(self) -> bool:
@@ -55,45 +43,125 @@ class World:
     def distributed(self) -> bool:
         return self.size > 1
 
+    def _in_mesh(self, dim: str) -> bool:
+        return self.mesh is not None and dim in self.mesh.mesh_dim_names
+
+    def coord(self, dim: str) -> int:
+        """This rank's index along mesh dimension ``dim`` (0 for a dimension of degree 1)."""
+        return self.mesh.get_local_rank(dim) if self._in_mesh(dim) else 0
+
+    def group(self, dim: str):
+        return self.mesh.get_group(dim)
+
+    @property
+    def dp_size(self) -> int:
+        return self.degrees["dp_replicate"] * self.degrees["dp_shard"]
+
+    @property
+    def dp_rank(self) -> int:
+        """Which share of the global batch this rank reads (tensor- and pipeline-parallel peers read the same)."""
+        return self.coord("dp_replicate") * self.degrees["dp_shard"] + self.coord("dp_shard")
+
+    @property
+    def pp_size(self) -> int:
+        return self.degrees["pp"]
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.coord("pp") == self.pp_size - 1
+
+    def submesh(self, *dims: str):
+        """The mesh over those of ``dims`` that the mesh has (None when there are none)."""
+        dims = tuple(d for d in dims if self._in_mesh(d))
+        return self.mesh[dims] if dims else None
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
 
     def mean(self, value: float) -> float:
-        """The mean of a per-rank float over all ranks (identity when not distributed)."""
+        """The global mean of a per-rank loss: the mean over data-parallel ranks of the value on the last pipeline
+        stage (tensor-parallel peers hold the same value; other stages contribute nothing)."""
         if not self.distributed:
             return value
         device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-        t = torch.tensor([value], dtype=torch.float64, device=device)
+        t = torch.tensor([value if self.is_last_stage else 0.0], dtype=torch.float64, device=device)
         dist.all_reduce(t)
-        return t.item() / self.size
+        return t.item() / (self.size // self.pp_size)
 
     def close(self) -> None:
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def check_layout(cfg: PretrainConfig) -> int:
-    """The data-parallel degree, after checking the layout against torchrun's world size and the batch."""
+def check_layout(cfg: PretrainConfig, args: ModelArgs) -> dict[str, int]:
+    """The degree of each mesh dimension, after checking the layout against torchrun's world size, the model and the
+    batch. Raises ConfigError naming the field."""
     p = cfg.parallel
-    if p.dp_replicate < 1 or p.dp_shard < 1:
-        raise ConfigError(f"parallel.dp_replicate and parallel.dp_shard must be >= 1, got {p.dp_replicate}, "
-                          f"{p.dp_shard}")
-    dp = p.dp_replicate * p.dp_shard
+    degrees = {d: getattr(p, d) for d in MESH_DIMS}
+    for d, n in degrees.items():
+        if n < 1:
+            raise ConfigError(f"parallel.{d} must be >= 1, got {n}")
+    total = 1
+    for n in degrees.values():
+        total *= n
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if dp != world:
-        raise ConfigError(f"parallel.dp_replicate x parallel.dp_shard = {dp}, but {world} process(es) were started "
-                          f"(run under `torchrun --nproc-per-node {dp}`)")
+    if total != world:
+        raise ConfigError(f"parallel.pp x dp_replicate x dp_shard x tp = {total}, but {world} process(es) were "
+                          f"started (run under `torchrun --nproc-per-node {total}`)")
+    dp = degrees["dp_replicate"] * degrees["dp_shard"]
     per_rank, accum = cfg.data.batch_size // dp, cfg.train.grad_accum
     if cfg.data.batch_size % dp or per_rank % accum:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} must split evenly over {dp} data-parallel ranks "
                           f"and then over train.grad_accum={accum} micro-batches")
-    return dp
+    tp = degrees["tp"]
+    if tp > 1:
+        for name, value in (("model.n_heads", args.n_heads), ("model.n_kv_heads", args.n_kv_heads),
+                            ("the feed-forward hidden size", args.hidden_dim),
+                            ("model.vocab_size", args.vocab_size), ("data.seq_len", cfg.data.seq_len)):
+            if value % tp:
+                raise ConfigError(f"parallel.tp={tp} does not divide {name} ({value})")
+    pp = degrees["pp"]
+    if pp > 1:
+        if p.pp_schedule not in PP_SCHEDULES:
+            raise ConfigError(f"parallel.pp_schedule must be one of {', '.join(PP_SCHEDULES)}, got {p.pp_schedule!r}")
+        stages = pp * (2 if p.pp_schedule == "interleaved" else 1)
+        if args.n_layers < stages:
+            raise ConfigError(f"parallel.pp={pp} with the {p.pp_schedule} schedule needs {stages} stages, but the "
+                              f"model has only {args.n_layers} layers")
+        if accum != 1:
+            raise ConfigError("with parallel.pp > 1, micro-batches come from parallel.pp_microbatches; "
+                              f"set train.grad_accum=1 (got {accum})")
+        m = microbatches(cfg)
+        if per_rank % m:
+            raise ConfigError(f"parallel.pp_microbatches={m} does not divide the per-rank batch of {per_rank} "
+                              f"(data.batch_size={cfg.data.batch_size} over {dp} data-parallel ranks)")
+        if p.pp_schedule != "gpipe" and m < pp:
+            raise ConfigError(f"the {p.pp_schedule} schedule needs parallel.pp_microbatches >= parallel.pp={pp}, "
+                              f"got {m}")
+        if p.pp_schedule == "interleaved" and m % pp:
+            raise ConfigError(f"the interleaved schedule needs parallel.pp_microbatches ({m}) to be a multiple of "
+                              f"parallel.pp={pp}")
+        if cfg.data.document_masking and cfg.train.device != "cpu" and torch.cuda.is_available():
+            raise ConfigError("parallel.pp > 1 with data.document_masking on GPU is not supported yet (the "
+                              "FlexAttention block mask cannot be split into micro-batches); set "
+                              "data.document_masking=false or parallel.pp=1")
+    if p.sdc_check_interval < 0:
+        raise ConfigError(f"parallel.sdc_check_interval must be >= 0, got {p.sdc_check_interval}")
+    if p.sdc_check_interval and degrees["dp_replicate"] < 2:
+        raise ConfigError("parallel.sdc_check_interval compares parameters across data-parallel replicas: it needs "
+                          f"parallel.dp_replicate >= 2 (got {degrees['dp_replicate']}); with dp_shard alone every "
+                          "rank holds different shards and there is nothing to compare")
+    return degrees
 
 
-def init_world(cfg: PretrainConfig, device: torch.device) -> World:
-    dp = check_layout(cfg)
-    if dp == 1:
+def microbatches(cfg: PretrainConfig) -> int:
+    return cfg.parallel.pp_microbatches or cfg.parallel.pp
+
+
+def init_world(cfg: PretrainConfig, args: ModelArgs, device: torch.device) -> World:
+    degrees = check_layout(cfg, args)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return World()
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -105,32 +173,119 @@ def init_world(cfg: PretrainConfig, device: torch.device) -> World:
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.PrefixStore(
         f"herd/attempt-{attempt}", store), rank=rank, world_size=size)
-    p = cfg.parallel
-    if p.dp_replicate > 1:
-        mesh = init_device_mesh(device.type, (p.dp_replicate, p.dp_shard), mesh_dim_names=("dp_replicate",
-                                                                                           "dp_shard"))
-    else:
-        mesh = init_device_mesh(device.type, (p.dp_shard,), mesh_dim_names=("dp_shard",))
-    return World(rank=dist.get_rank(), size=dist.get_world_size(), mesh=mesh)
+    # HSDP needs the shard dimension even at degree 1 (a 2-D mesh replicates; a 1-D one would shard).
+    dims = tuple(d for d in MESH_DIMS if degrees[d] > 1 or (d == "dp_shard" and degrees["dp_replicate"] > 1))
+    mesh = init_device_mesh(device.type, tuple(degrees[d] for d in dims), mesh_dim_names=dims)
+    return World(rank=dist.get_rank(), size=dist.get_world_size(), mesh=mesh, degrees=degrees)
 
 
-def apply_fsdp(model: Transformer, world: World, bf16: bool) -> None:
+# --- what is applied to the model -------------------------------------------------------------------------------
+def apply_tensor_parallel(model: Transformer, tp_mesh) -> None:
+    """Megatron-style tensor parallelism with sequence parallelism, on DTensor: ``wq wk wv w1 w3`` split by output
+    (heads / hidden units), ``wo w2`` by input with a reduce-scatter onto sequence shards; the norms run on sequence
+    shards; the embedding splits the vocabulary and the output head gathers full logits. The residual stream between
+    blocks stays sharded on the sequence, ``[B, S / tp, dim]``. Attention modules are told their local head counts.
+    Parts a pipeline stage does not hold (None) are skipped."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
+
+    tp = tp_mesh.size()
+    plan = {}
+    if model.tok_embeddings is not None:
+        plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
+    if model.norm is not None:
+        plan["norm"] = SequenceParallel()
+    if model.output is not None:
+        plan["output"] = ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate())
+    if plan:
+        parallelize_module(model, tp_mesh, plan)
+    if model.args.tie_embeddings and model.tok_embeddings is not None and model.output is not None:
+        # Each plan replaced its module's weight with a new DTensor; tie them again (both are split on the
+        # vocabulary, Shard(0), so one tensor serves both).
+        model.output.weight = model.tok_embeddings.weight
+    for block in model.layers.values():
+        parallelize_module(block, tp_mesh, {
+            "attention_norm": SequenceParallel(),
+            # Attention(x, cos, sin, mask, cache_pos): gather the sequence of x; the rest are plain tensors.
+            "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None, None, None),
+                                            desired_input_layouts=(Replicate(), None, None, None, None)),
+            "attention.wq": ColwiseParallel(), "attention.wk": ColwiseParallel(), "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+            "ffn_norm": SequenceParallel(),
+            "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            "feed_forward.w1": ColwiseParallel(), "feed_forward.w3": ColwiseParallel(),
+            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+        })
+        block.attention.n_heads //= tp
+        block.attention.n_kv_heads //= tp
+
+
+def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
+    """``full``: recompute every block in backward; ``selective``: every other block (half the memory saving at
+    half the recompute cost); ``none``: keep all activations."""
+    if mode == "none":
+        return
+    if mode not in ("full", "selective"):
+        raise ValueError(f"train.activation_checkpointing must be none, full or selective, got {mode!r}")
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    for name, block in list(model.layers.items()):
+        if mode == "full" or int(name) % 2 == 0:  # by layer id, so a pipeline stage keeps the global pattern
+            model.layers[name] = checkpoint_wrapper(block, preserve_rng_state=False)
+
+
+def apply_compile(model: Transformer) -> None:
+    """Compile each block separately: the blocks are identical, so one graph is reused and compile time stays low."""
+    for block in model.layers.values():
+        block.compile(fullgraph=True)
+
+
+def apply_fsdp(model: Transformer, dp_mesh, bf16: bool) -> None:
     """FSDP2: each block is one all-gather / reduce-scatter unit, the root holds embeddings, norm and output.
-    With bf16, parameters are gathered in bf16 and gradients reduced in fp32 (the master weights stay fp32)."""
+    With bf16, parameters are gathered in bf16 and gradients reduced in fp32 (the master weights stay fp32).
+    A 2-D ``dp_mesh`` (dp_replicate x dp_shard) gives HSDP."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
         MixedPrecisionPolicy()
     for block in model.layers.values():
-        fully_shard(block, mesh=world.mesh, mp_policy=mp)
-    fully_shard(model, mesh=world.mesh, mp_policy=mp)
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp)
 
 
 def prepare_for_training(model: Transformer, cfg: TrainConfig, world: World | None = None,
                          bf16: bool = False) -> Transformer:
+    """Tensor parallel -> activation checkpointing -> compile -> FSDP2, each only where configured."""
+    world = world or World()
+    if world.degrees["tp"] > 1:
+        apply_tensor_parallel(model, world.submesh("tp"))
     apply_activation_checkpointing(model, cfg.activation_checkpointing)
     if cfg.compile:
         apply_compile(model)
-    if world is not None and world.distributed:
-        apply_fsdp(model, world, bf16)
+    if world.dp_size > 1:
+        apply_fsdp(model, world.submesh("dp_replicate", "dp_shard"), bf16)
     return model
+
+
+# --- gradients ----------------------------------------------------------------------------------------------------
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float, world: World,
+                   skip_in_norm: set[int] = frozenset()) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` over a mesh: the norm of DTensor gradients is the global one
+    (``full_tensor``), and pipeline stages add their squared norms. ``skip_in_norm`` (parameter ids) are clipped
+    but not counted, for a weight two stages hold (tied embeddings) that the other stage already counts."""
+    grads = [p.grad for p in params if p.grad is not None and id(p) not in skip_in_norm]
+    total = torch.nn.utils.get_total_norm(grads, 2.0)
+    if hasattr(total, "full_tensor"):
+        total = total.full_tensor()
+    if world.pp_size > 1:
+        squared = total.double() ** 2
+        dist.all_reduce(squared, group=world.group("pp"))
+        total = squared.sqrt().to(total.dtype)
+    torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, total)
+    return total

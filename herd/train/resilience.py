@@ -3,15 +3,20 @@
 - ``LossGuard``: a non-finite loss or gradient norm, or (optionally) a loss spike far above the recent average,
   marks the step bad. ``train.on_bad_step = "skip"`` drops that step's update (the batch is consumed and not
   retried; the model and optimizer are untouched) and stops after ``train.max_bad_steps`` bad steps in a row;
-  ``"stop"`` ends the run with an error. Either way the model never takes an update computed from NaN/Inf.
+  ``"rollback"`` restores the last checkpoint and replays from there without the offending batch (PaLM's remedy for
+  spikes; at most ``max_bad_steps`` rollbacks); ``"stop"`` ends the run with an error. Either way the model never
+  takes an update computed from NaN/Inf.
+- ``replica_mismatch``: silent data corruption (a bad GPU computing wrong numbers without an error) makes
+  data-parallel replicas, which must hold bit-identical parameters, drift apart. Every
+  ``parallel.sdc_check_interval`` steps each replica checksums its parameter shards and the replicas compare; a
+  mismatch names the parameter and the ranks, then rolls back (``on_bad_step = "rollback"``) or stops.
 - ``StepWatchdog``: a step that runs longer than ``train.step_timeout_s`` dumps every thread's stack to stderr
   and exits with status 1 (``faulthandler``), so a launcher (torchrun ``--max-restarts``, SLURM requeue) can
   restart the job from its last checkpoint instead of waiting on it forever.
 
-Not covered here (yet): rolling back to the last checkpoint, and cross-replica checksums (distributed issue).
-
-Fault injection for tests: ``HERD_FAULT=nan-at:N`` poisons step N's loss, ``HERD_FAULT=hang-at:N`` hangs step N,
-``HERD_FAULT=kill-rankR-at:N`` kills rank R at step N (first attempt only).
+Fault injection for tests (each fires once per process): ``HERD_FAULT=nan-at:N`` poisons step N's loss,
+``HERD_FAULT=hang-at:N`` hangs step N, ``HERD_FAULT=kill-rankR-at:N`` kills rank R at step N (first attempt
+only), ``HERD_FAULT=corrupt-rankR-at:N`` flips a bit of one of rank R's parameters after step N (first attempt only).
 """
 
 from __future__ import annotations
@@ -23,10 +28,20 @@ import signal
 import sys
 import time
 
+import torch
+import torch.distributed as dist
+
+_fired: set[str] = set()
+
 
 def injected_fault(kind: str, step: int) -> bool:
-    """True when ``HERD_FAULT`` asks for fault ``kind`` at (1-based) ``step``."""
-    return os.environ.get("HERD_FAULT") == f"{kind}:{step}"
+    """True, once per process, when ``HERD_FAULT`` asks for fault ``kind`` at (1-based) ``step`` (once: a step
+    replayed after a rollback is not poisoned again, as a bad batch that was skipped would not be)."""
+    spec = f"{kind}:{step}"
+    if os.environ.get("HERD_FAULT") != spec or spec in _fired:
+        return False
+    _fired.add(spec)
+    return True
 
 
 def maybe_hang(step: int) -> None:
@@ -41,15 +56,62 @@ def maybe_kill(step: int, rank: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def maybe_corrupt(step: int, rank: int, params: list) -> None:
+    """``HERD_FAULT=corrupt-rankR-at:N``: flip the sign bit of one element of rank R's first parameter shard after
+    step N, as silent data corruption would (first attempt only)."""
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" and injected_fault(f"corrupt-rank{rank}-at", step):
+        with torch.no_grad():
+            local = params[0].to_local() if hasattr(params[0], "to_local") else params[0]
+            local.view(-1)[0].neg_()
+
+
 class BadStepError(RuntimeError):
     pass
+
+
+class SilentCorruptionError(BadStepError):
+    """Replicas disagree: the run stops (non-zero exit) so a launcher can restart it from the last checkpoint."""
+
+
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@torch.no_grad()
+def replica_mismatch(model: torch.nn.Module, world) -> str | None:
+    """Compare an exact checksum of every parameter shard across the data-parallel replicas (``dp_replicate``);
+    None when they agree, else which parameter differs on which ranks. The checksum is the integer sum of the
+    parameter's bits: any single flipped bit changes it, and it costs one read of the weights and one small
+    all-gather."""
+    names, sums = [], []
+    for name, p in model.named_parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        bits = local.detach().contiguous().view(-1).view(_INT_VIEW[local.element_size()])
+        names.append(name)
+        sums.append(bits.sum(dtype=torch.int64))
+    mine = torch.stack(sums).cpu() if dist.get_backend() == "gloo" else torch.stack(sums)
+    group = world.group("dp_replicate")
+    ranks = dist.get_process_group_ranks(group)
+    gathered = [torch.empty_like(mine) for _ in ranks]
+    dist.all_gather(gathered, mine, group=group)
+    table = torch.stack(gathered)  # [replicas, parameters]
+    differs = (table != table[0]).any(dim=0)
+    if not differs.any():
+        return None
+    i = int(differs.nonzero()[0])
+    values = table[:, i].tolist()
+    # A strict majority says which replica went wrong; with two replicas, report the second against the first.
+    common = max(set(values), key=values.count)
+    ref = common if values.count(common) > len(values) / 2 else values[0]
+    odd = [r for r, v in zip(ranks, values) if v != ref]
+    return (f"silent data corruption: parameter {names[i]!r} differs across data-parallel replicas "
+            f"(ranks {ranks}); rank(s) {odd} disagree with rank {ranks[values.index(ref)]}")
 
 
 class LossGuard:
     def __init__(self, policy: str = "skip", spike_factor: float = 0.0, max_bad_steps: int = 5,
                  warmup: int = 20, ema: float = 0.9):
-        if policy not in ("skip", "stop"):
-            raise ValueError(f"train.on_bad_step must be skip or stop, got {policy!r}")
+        if policy not in ("skip", "rollback", "stop"):
+            raise ValueError(f"train.on_bad_step must be skip, rollback or stop, got {policy!r}")
         self.policy, self.spike_factor, self.max_bad_steps = policy, spike_factor, max_bad_steps
         self.warmup, self.ema = warmup, ema
         self.mean: float | None = None  # EMA of accepted losses
@@ -77,7 +139,8 @@ class LossGuard:
         if self.bad_in_a_row > self.max_bad_steps:
             raise BadStepError(f"step {step}: {reason}; {self.bad_in_a_row} bad steps in a row "
                                f"(train.max_bad_steps = {self.max_bad_steps}): stopping")
-        print(f"step {step}: {reason}; update skipped", file=sys.stderr, flush=True)
+        if self.policy == "skip":
+            print(f"step {step}: {reason}; update skipped", file=sys.stderr, flush=True)
         return reason
 
 
@@ -117,6 +180,11 @@ class Goodput:
     def resumed(self, lost_seconds: float) -> None:
         self.totals["restarts"] += 1
         self.totals["lost"] += lost_seconds
+
+    def rolled_back(self, undone_seconds: float) -> None:
+        """Steps counted productive that a rollback undid are lost work."""
+        self.totals["productive"] -= undone_seconds
+        self.totals["lost"] += undone_seconds
 
     @property
     def effective(self) -> float:
