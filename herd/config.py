@@ -83,6 +83,7 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
+    enabled: bool = True  # false: no training checkpoints at all (throughput benchmarks); such a run cannot resume
     interval: int = 0  # steps between checkpoints; 0: only at the end
     keep: int = 2  # most recent checkpoints kept
     async_save: bool = False  # dcp.async_save: copy to host memory, write in a background thread

@@ -270,6 +270,9 @@ def _pretrain(cfg: PretrainConfig, run_dir: Path, device: torch.device, world: W
                 continue
             if mismatch:
                 raise SilentCorruptionError(f"step {step + 1}: {mismatch}; no checkpoint to roll back to")
+            if world.is_main:
+                print(f"step {step + 1}: {skipped}; no checkpoint to roll back to yet: update skipped",
+                      file=sys.stderr, flush=True)
 
         tps = tokens_per_step / dt
         mfu = flops_per_token * tps / (peak * world.size) if peak else None  # per-device peak, all devices
@@ -293,7 +296,7 @@ def _pretrain(cfg: PretrainConfig, run_dir: Path, device: torch.device, world: W
         bar.update(1)
         step += 1
         checkpointer.poll()
-        if is_last or (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0):
+        if cfg.checkpoint.enabled and (is_last or (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0)):
             t_save = time.perf_counter()
             checkpointer.save(step, model, optimizer, {
                 "loader": train_loader.state_dict(), "config": dataclasses.asdict(cfg),
@@ -308,7 +311,8 @@ def _pretrain(cfg: PretrainConfig, run_dir: Path, device: torch.device, world: W
     if cfg.checkpoint.export_hf:
         export_model(model, args, run_dir / "model", tokenizer, world)
     if world.is_main:
-        print(f"done: {tc.steps} steps in {time.perf_counter() - t_start:.1f} s; model in {run_dir / 'model'}")
+        where = f"; model in {run_dir / 'model'}" if cfg.checkpoint.export_hf else ""
+        print(f"done: {tc.steps} steps in {time.perf_counter() - t_start:.1f} s{where}")
         print(goodput.report())
     return records
 
