@@ -182,6 +182,8 @@ def test_layout_errors_name_the_field(monkeypatch):
         4, "--parallel.pp=4", "--parallel.pp_microbatches=2", "--parallel.pp_schedule=1f1b")
     assert "needs parallel.dp_replicate >= 2" in error(2, "--parallel.dp_shard=2", "--parallel.sdc_check_interval=5")
     assert "= 4, but 2 process(es) were started" in error(2, "--parallel.tp=2", "--parallel.pp=2")
+    assert "train.compile=true with parallel.tp > 1 is not supported" in error(2, "--parallel.tp=2",
+                                                                                "--train.compile=true")
 
 
 def test_bad_layouts_fail_before_any_process_group(tmp_path, shards_dir):  # noqa: F811

@@ -115,6 +115,11 @@ def check_layout(cfg: PretrainConfig, args: ModelArgs) -> dict[str, int]:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} must split evenly over {dp} data-parallel ranks "
                           f"and then over train.grad_accum={accum} micro-batches")
     tp = degrees["tp"]
+    if tp > 1 and cfg.train.compile:
+        # Seen on torch 2.13 (CPU, gloo): the backward of a compiled tensor-parallel block hands a DTensor
+        # redistribute a plain-tensor gradient ("'Tensor' object has no attribute '_local_tensor'").
+        raise ConfigError("train.compile=true with parallel.tp > 1 is not supported yet (the compiled "
+                          "tensor-parallel block fails in backward); set train.compile=false")
     if tp > 1:
         for name, value in (("model.n_heads", args.n_heads), ("model.n_kv_heads", args.n_kv_heads),
                             ("the feed-forward hidden size", args.hidden_dim),
