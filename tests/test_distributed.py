@@ -25,20 +25,20 @@ def _torchrun(run_dir, shards, *extra, env=None, restarts=0, nproc=2):
     return subprocess.run(cmd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=300)
 
 
-@pytest.fixture(scope="module")
-def single(tmp_path_factory, shards_dir):  # noqa: F811
-    run = tmp_path_factory.mktemp("single")
-    r = _pretrain(run, shards_dir, "--train.steps=6", "--checkpoint.interval=3")
+def _single_process_losses(run, shards, *extra):
+    r = _pretrain(run, shards, "--train.steps=6", *extra)
     assert r.returncode == 0, r.stderr
     return _losses(run)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, shards_dir):  # noqa: F811
+    return _single_process_losses(tmp_path_factory.mktemp("single"), shards_dir, "--checkpoint.interval=3")
 
 
 @pytest.fixture(scope="module")
 def single_4_layers(tmp_path_factory, shards_dir):  # noqa: F811
-    run = tmp_path_factory.mktemp("single4")
-    r = _pretrain(run, shards_dir, "--train.steps=6", "--model.n_layers=4")
-    assert r.returncode == 0, r.stderr
-    return _losses(run)
+    return _single_process_losses(tmp_path_factory.mktemp("single4"), shards_dir, "--model.n_layers=4")
 
 
 def _weights(run_dir):
