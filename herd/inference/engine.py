@@ -283,18 +283,15 @@ class Engine:
         if p.logprobs is not None:
             lp = token_logprobs(logits[None], token, p.logprobs)[0]
         token = int(token)
+        if p.logprobs is not None:  # a stop id is scored like any sampled token (lm-eval counts on one per step)
+            seq.logprobs.append(lp)
+            delta.logprobs.append(lp)
         if token in p.stop_ids:
-            if p.logprobs is not None:  # scored like any sampled token (lm-eval counts on one per step)
-                seq.logprobs.append(lp)
-                delta.logprobs.append(lp)
             seq._push_text(None, delta)
             return self._finish(seq, "stop", delta)
         seq.output.append(token)
         seq.last = token
         delta.tokens.append(token)
-        if p.logprobs is not None:
-            seq.logprobs.append(lp)
-            delta.logprobs.append(lp)
         if seq.counts is not None:
             seq.counts[token] += 1
         if seq._push_text(token, delta):

@@ -147,13 +147,11 @@ def token_text(tok: Tokenizer, token: int) -> str:
     return tok.decode_bytes([token]).decode("utf-8", errors="replace")
 
 
-def completion_logprobs(tok: Tokenizer, entries: list[TokenLogprob | None], text_start: int = 0) -> dict:
-    """The completions API's logprobs object; ``None`` entries (the first prompt token) have no logprob."""
+def completion_logprobs(tok: Tokenizer, entries: list[TokenLogprob], text_start: int = 0) -> dict:
+    """The completions API's logprobs object (``tokens``, ``token_logprobs``, ``top_logprobs``, ``text_offset``)."""
     tokens, lps, tops, offsets = [], [], [], []
     offset = text_start
     for e in entries:
-        if e is None:
-            continue
         text = token_text(tok, e.token)
         tokens.append(text)
         offsets.append(offset)

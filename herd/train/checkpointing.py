@@ -81,7 +81,7 @@ def _tied_alias(model: torch.nn.Module) -> bool:
 
 
 def _rename_optim(sd: dict[str, Any], old: str, new: str) -> dict[str, Any]:
-    return {k.replace(f".{old}.", f".{new}.") if f".{old}." in k else k: v for k, v in sd.items()}
+    return {k.replace(f".{old}.", f".{new}."): v for k, v in sd.items()}
 
 
 def training_state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -175,7 +175,7 @@ class Checkpointer:
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
     """Restore model (and optimizer) in place; return the trainer state (step, loader, RNG, ...)."""
-    if not (path / ".metadata").exists() or not (path / TRAINER_STATE).exists():
+    if not is_training_checkpoint(path):
         raise CheckpointCorrupt(f"{path}: incomplete checkpoint (missing .metadata or {TRAINER_STATE})")
     try:
         if optimizer is not None:

@@ -111,6 +111,8 @@ def check_layout(cfg: PretrainConfig, args: ModelArgs) -> dict[str, int]:
                           f"started (run under `torchrun --nproc-per-node {total}`)")
     dp = degrees["dp_replicate"] * degrees["dp_shard"]
     per_rank, accum = cfg.data.batch_size // dp, cfg.train.grad_accum
+    if accum < 1:
+        raise ConfigError(f"train.grad_accum must be >= 1, got {accum}")
     if cfg.data.batch_size % dp or per_rank % accum:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} must split evenly over {dp} data-parallel ranks "
                           f"and then over train.grad_accum={accum} micro-batches")

@@ -80,19 +80,19 @@ class Pipeline:
     def step(self, inputs: torch.Tensor, targets: torch.Tensor, **model_kwargs) -> float:
         """Forward and backward of one global batch (split into micro-batches); the mean loss on the last stage,
         0.0 elsewhere. Gradients are left in place, averaged over micro-batches."""
-        losses: list[torch.Tensor] = []
-        args = (inputs,) if self.world.coord("pp") == 0 else ()
-        target = targets if self.world.is_last_stage else None
-        self.schedule.step(*args, target=target, losses=losses, **model_kwargs)
+        loss = self._run(self.schedule.step, inputs, targets, model_kwargs)
         self._sum_tied_grads()
-        return torch.stack(losses).mean().item() if losses else 0.0
+        return loss
 
     @torch.no_grad()
     def eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor, **model_kwargs) -> float:
+        return self._run(self.schedule.eval, inputs, targets, model_kwargs)
+
+    def _run(self, run, inputs: torch.Tensor, targets: torch.Tensor, model_kwargs: dict) -> float:
+        """The first stage feeds the inputs, the last scores the targets; every stage gets the keyword inputs."""
         losses: list[torch.Tensor] = []
         args = (inputs,) if self.world.coord("pp") == 0 else ()
-        target = targets if self.world.is_last_stage else None
-        self.schedule.eval(*args, target=target, losses=losses, **model_kwargs)
+        run(*args, target=targets if self.world.is_last_stage else None, losses=losses, **model_kwargs)
         return torch.stack(losses).mean().item() if losses else 0.0
 
     def _sum_tied_grads(self) -> None:

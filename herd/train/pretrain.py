@@ -131,9 +131,7 @@ def _pretrain(cfg: PretrainConfig, run_dir: Path, device: torch.device, world: W
               shards: TokenShards, tokenizer: Tokenizer, args: ModelArgs) -> list[dict]:
     tc = cfg.train
 
-    # --- data -----------------------------------------------------------------------------------------------
-    if tc.grad_accum < 1 or cfg.data.batch_size % tc.grad_accum:
-        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not divisible by train.grad_accum={tc.grad_accum}")
+    # --- data (the batch split was checked with the layout) ---------------------------------------------------
     train_docs, val_docs = split_documents(shards, cfg.data.val_fraction)
     # Tensor- and pipeline-parallel peers read the same batch: the loader is split over data-parallel ranks only.
     train_loader = PackedLoader(shards, train_docs, cfg.data.seq_len, cfg.data.batch_size, cfg.data.seed,

@@ -88,7 +88,7 @@ def replica_mismatch(model: torch.nn.Module, world) -> str | None:
         bits = local.detach().contiguous().view(-1).view(_INT_VIEW[local.element_size()])
         names.append(name)
         sums.append(bits.sum(dtype=torch.int64))
-    mine = torch.stack(sums).cpu() if dist.get_backend() == "gloo" else torch.stack(sums)
+    mine = torch.stack(sums)
     group = world.group("dp_replicate")
     ranks = dist.get_process_group_ranks(group)
     gathered = [torch.empty_like(mine) for _ in ranks]
