@@ -22,6 +22,27 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
           "fp16": torch.float16, "float16": torch.float16}
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (sizes, counts, shards); anything else is an argument error."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
 def _human(n: float, unit: str = "B") -> str:
     for prefix in ("", "K", "M", "G", "T"):
         if abs(n) < 1024 or prefix == "T":
@@ -71,27 +92,52 @@ def cmd_info(a: argparse.Namespace) -> None:
 def cmd_convert(a: argparse.Namespace) -> None:
     import json
 
-    from herd.checkpoint import load_model, save_model
+    from herd.checkpoint import check_tokenizer, load_model, save_model
     from herd.tokenizer import Tokenizer
     from herd.train.checkpointing import is_training_checkpoint, load_model_from_checkpoint
 
     src = Path(a.src)
-    tokenizer = None
+    tokenizer = Tokenizer(a.tokenizer) if a.tokenizer else None
     if is_training_checkpoint(src):  # a DCP step of a pretraining run
-        model, tokenizer = load_model_from_checkpoint(src)
+        model, run_tokenizer = load_model_from_checkpoint(src)
+        tokenizer = tokenizer or run_tokenizer or _run_tokenizer(src)
         if a.dtype:
             model.to(DTYPES[a.dtype])
+        if tokenizer is not None and tokenizer.n_words > model.args.vocab_size:
+            raise UserError(f"{a.tokenizer}: {tokenizer.n_words:,} token ids do not fit the model's vocabulary of "
+                            f"{model.args.vocab_size:,}")
     else:
         model = load_model(src, dtype=DTYPES[a.dtype] if a.dtype else None)
-    for candidate in (src / "tokenizer.model", src / "tokenizer.json", src / "original" / "tokenizer.model"):
-        if tokenizer is None and candidate.exists():
-            tokenizer = Tokenizer(candidate)
+        for candidate in (src / "tokenizer.model", src / "tokenizer.json", src / "original" / "tokenizer.model"):
+            if tokenizer is None and candidate.exists():
+                tokenizer = Tokenizer(candidate)
+        if tokenizer is not None:
+            check_tokenizer(src, tokenizer, model.args)
     gen = None
     if (src / "generation_config.json").exists():
         gen = json.loads((src / "generation_config.json").read_text())
     save_model(model, a.dst, format=a.to, tokenizer=tokenizer, shards=a.shards, generation_config=gen,
                max_shard_bytes=int(a.max_shard_gb * 1e9))
     print(f"wrote {a.to} model to {a.dst}")
+
+
+def _run_tokenizer(step_dir: Path):
+    """The tokenizer of a training checkpoint whose run read its shards through a path relative to another working
+    directory: ``data.path`` is looked up beside the run directory and its parents, and the run's exported ``model/``
+    is tried; a checkpoint whose tokenizer cannot be found is an error, never a model directory without one."""
+    from herd.tokenizer import Tokenizer
+    from herd.train.checkpointing import read_trainer_state
+
+    run_dir = step_dir.resolve().parent.parent  # RUN/checkpoints/step-N
+    data_path = Path(read_trainer_state(step_dir)["config"]["data"]["path"])
+    candidates = [run_dir / "model"]
+    if not data_path.is_absolute():
+        candidates += [parent / data_path for parent in (run_dir, *run_dir.parents)]
+    for directory in candidates:
+        if (directory / "tokenizer.model").exists():
+            return Tokenizer(directory)
+    raise UserError(f"{step_dir}: the run's tokenizer is not found (data.path={str(data_path)!r} is not a shard "
+                    f"directory from here, nor from {run_dir} or its parents); pass --tokenizer PATH")
 
 
 # --- tokenizer --------------------------------------------------------------------------------------------------
@@ -121,7 +167,14 @@ def cmd_pretrain(a: argparse.Namespace, overrides: list[str]) -> None:
     from herd.config import load_config
     from herd.train.pretrain import pretrain
 
-    pretrain(load_config(a.config, overrides), a.run_dir)
+    run_dir = Path(a.run_dir)
+    existed = run_dir.exists()
+    try:
+        pretrain(load_config(a.config, overrides), run_dir)
+    except BaseException:
+        if not existed and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # a run that failed before writing anything leaves no empty directory behind
+        raise
 
 
 def cmd_plot(a: argparse.Namespace) -> None:
@@ -133,14 +186,31 @@ def cmd_plot(a: argparse.Namespace) -> None:
 # --- generation -------------------------------------------------------------------------------------------------
 def _load_for_inference(a: argparse.Namespace):
     """(model, tokenizer, stop ids) of a model directory, on ``--device`` in ``--dtype``."""
-    from herd.checkpoint import load_model, read_generation_config
+    from herd.checkpoint import check_tokenizer, load_model, read_generation_config
     from herd.tokenizer import Tokenizer
 
-    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(a.device)
     dtype = DTYPES[a.dtype] if a.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    model = load_model(a.model, dtype=dtype, device=device).eval()
     tok = Tokenizer(a.model)
+    model = load_model(a.model, dtype=dtype, device=device).eval()
+    check_tokenizer(a.model, tok, model.args)
     return model, tok, read_generation_config(a.model, tok)["eos_token_id"]
+
+
+def _device(name: str | None) -> str:
+    """``--device``, checked: a device type torch knows and this machine has (default: cuda when available)."""
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r}: not a device (expected cpu, cuda, cuda:N or mps)") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(device.type, False):
+        raise UserError(f"--device {name!r}: no {device.type} device on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return name
 
 
 def _sampling(a: argparse.Namespace, stop_ids: list[int]):
@@ -171,10 +241,24 @@ def cmd_chat(a: argparse.Namespace) -> None:
 def cmd_serve(a: argparse.Namespace) -> None:
     import uvicorn
 
+    from herd.errors import UserError
     from herd.inference.engine import Engine
     from herd.inference.server import Server, create_app
 
+    # Checked before anything loads: a flag that cannot work is one line and exit 2, never a server that hangs.
+    for flag, value, least in (("--max-batch", a.max_batch, 1), ("--max-len", a.max_len, 1),
+                               ("--max-waiting", a.max_waiting, 1), ("--max-body-bytes", a.max_body_bytes, 1),
+                               ("--drain-timeout", a.drain_timeout, 0)):
+        if value is not None and value < least:
+            raise UserError(f"{flag} must be >= {least}, got {value}")
+    if not 1 <= a.port <= 65535:
+        raise UserError(f"--port must be in [1, 65535], got {a.port}")
+    if not 0 <= a.guard_threshold <= 1:
+        raise UserError(f"--guard-threshold must be in [0, 1], got {a.guard_threshold}")
     model, tok, stop_ids = _load_for_inference(a)
+    if a.max_len is not None and a.max_len > model.args.max_seq_len:
+        raise UserError(f"--max-len {a.max_len} exceeds the model's max_seq_len of {model.args.max_seq_len} "
+                        f"({a.model})")
     engine = Engine(model, tok, max_batch=a.max_batch, max_len=a.max_len, max_waiting=a.max_waiting,
                     compile=a.compile, batch_invariant=a.batch_invariant)
     name = a.name or Path(a.model).resolve().name
@@ -186,7 +270,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
         guard = LlamaGuard.from_dir(a.guard, device=a.device, threshold=a.guard_threshold) if a.guard else None
         moderator = Moderator(guard, codeshield=a.codeshield)
     server = Server(engine, tok, name, stop_ids, api_key=a.api_key or os.environ.get("HERD_API_KEY"),
-                    moderator=moderator)
+                    moderator=moderator, max_body_bytes=a.max_body_bytes, drain_timeout=a.drain_timeout)
     print(f"herd: serving '{name}' on http://{a.host}:{a.port}/v1 ({a.max_batch} slots of {engine.max_len} tokens)",
           flush=True)
     uvicorn.run(create_app(server), host=a.host, port=a.port, log_level=a.log_level,
@@ -217,23 +301,27 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("info", help="parameters, FLOPs per token, memory of a preset or model directory")
     s.add_argument("model", help="preset name (e.g. llama3-8b) or model directory")
     s.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16", "fp8", "int8"])
-    s.add_argument("--seq-len", type=int, default=None, help="sequence length for the attention FLOPs / KV figures")
+    s.add_argument("--seq-len", type=positive_int, default=None,
+                   help="sequence length for the attention FLOPs / KV figures")
     s.set_defaults(fn=cmd_info)
 
     s = sub.add_parser("convert", help="convert a model directory (HF, Meta, or a pretraining checkpoint step)")
     s.add_argument("src")
     s.add_argument("dst")
     s.add_argument("--to", required=True, choices=["hf", "meta"])
-    s.add_argument("--shards", type=int, default=1, help="model-parallel shards for --to meta")
+    s.add_argument("--shards", type=positive_int, default=1, help="model-parallel shards for --to meta")
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast weights (default: keep)")
-    s.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size for --to hf")
+    s.add_argument("--max-shard-gb", type=positive_float, default=5.0, help="safetensors shard size for --to hf")
+    s.add_argument("--tokenizer", default=None, help="tokenizer to save with the model (default: the one in SRC; for "
+                                                     "a training checkpoint, the one its run read)")
     s.set_defaults(fn=cmd_convert)
 
     tok = sub.add_parser("tokenizer", help="train or measure tokenizers").add_subparsers(
         dest="tok_verb", required=True, metavar="VERB")
     s = tok.add_parser("train", help="train a byte-level BPE with Llama 3's pre-tokenization")
     s.add_argument("--input", nargs="+", required=True, help="txt / jsonl / parquet files or directories")
-    s.add_argument("--vocab-size", type=int, required=True, help="BPE ranks to learn (256 special tokens are added)")
+    s.add_argument("--vocab-size", type=positive_int, required=True,
+                   help="BPE ranks to learn (256 special tokens are added)")
     s.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_tokenizer_train)
@@ -253,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--input", nargs="+", required=True, help="txt / jsonl / parquet files or directories")
     s.add_argument("--tokenizer", required=True, help="rank file, tokenizer.json or a directory holding one")
     s.add_argument("--out", required=True)
-    s.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: CPUs, at most 8)")
+    s.add_argument("--workers", type=positive_int, default=None, help="tokenizer processes (default: CPUs, at most 8)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_data_tokenize)
 
@@ -292,11 +380,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode all slots every step, so a request's output never depends on the others (default); "
                         "--no-batch-invariant is faster at low load")
     s.add_argument("--drain-timeout", type=int, default=30, help="seconds to finish open requests on shutdown")
+    s.add_argument("--max-body-bytes", type=int, default=16 * 2**20,
+                   help="request bodies above this get 413 (default 16 MiB)")
     s.add_argument("--guard", default=None, help="Llama Guard model directory: check prompts and responses, "
                                                  "serve /v1/moderations")
     s.add_argument("--guard-threshold", type=float, default=0.5, help="flag when P('unsafe') >= this")
     s.add_argument("--codeshield", action="store_true", help="scan code in responses: block or annotate")
-    s.add_argument("--log-level", default="info")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"])
     s.set_defaults(fn=cmd_serve)
 
     # Each lifecycle stage (data, posttrain, eval, safety, scaling) adds its own verbs from
@@ -328,6 +418,11 @@ def main(argv: list[str] | None = None) -> int:
             args.fn(args, extra)
         else:
             args.fn(args)
+    except KeyboardInterrupt:
+        if os.environ.get("HERD_DEBUG"):
+            raise
+        print("herd: interrupted", file=sys.stderr)
+        return 130
     except (UserError, BadStepError, OSError) as e:
         # Only the project's input errors (and the OS's word on a path) are shown as one line; anything else is a
         # bug and keeps its traceback.

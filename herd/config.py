@@ -1,13 +1,15 @@
 """Run configuration: plain dataclasses are the schema, TOML files fill them, ``--section.key=value`` overrides.
 
-Unknown sections or keys and values of the wrong type are errors that name the file and key. The resolved
-configuration is written to the run directory (``config.toml``) so a run can always be reproduced.
+Unknown sections or keys, values of the wrong type and numbers outside a field's declared range (``ranged``) are errors
+that name the file or key. The resolved configuration is written to the run directory (``config.toml``) so a run can
+always be reproduced.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import types
 import typing
@@ -27,21 +29,76 @@ class ConfigError(UserError):
     """A configuration file or override is invalid; the message names the file / key."""
 
 
+# --- numeric ranges: declared on the field, checked in one place (``check_ranges``, run by ``load_config``) ----------
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric field accepts: ``min``/``max`` inclusive, ``above``/``below`` exclusive, and ``off``: one
+    more value outside the interval that switches the feature off (``spike_factor``: 0, or above 1)."""
+
+    min: float | None = None
+    max: float | None = None
+    above: float | None = None
+    below: float | None = None
+    off: float | None = None
+
+    def __contains__(self, value: float) -> bool:
+        if self.off is not None and value == self.off:
+            return True
+        return (math.isfinite(value) and (self.min is None or value >= self.min)
+                and (self.max is None or value <= self.max) and (self.above is None or value > self.above)
+                and (self.below is None or value < self.below))
+
+    def __str__(self) -> str:
+        lo = f"[{self.min:g}" if self.min is not None else f"({self.above:g}" if self.above is not None else None
+        hi = f"{self.max:g}]" if self.max is not None else f"{self.below:g})" if self.below is not None else None
+        if lo and hi:
+            text = f"{lo}, {hi}"
+        elif lo:
+            text = f">= {self.min:g}" if self.min is not None else f"> {self.above:g}"
+        elif hi:
+            text = f"<= {self.max:g}" if self.max is not None else f"< {self.below:g}"
+        else:
+            text = "any finite number"
+        return text if self.off is None else f"{self.off:g} (off) or {text}"
+
+
+def ranged(default: Any, *, min: float | None = None, max: float | None = None, above: float | None = None,
+           below: float | None = None, off: float | None = None) -> Any:
+    """A dataclass field whose value must lie in the range (None, for an optional field, is always accepted). Any
+    stage's config declares its numeric fields this way: ``steps: int = ranged(1000, min=1)``."""
+    return field(default=default, metadata={"range": Range(min, max, above, below, off)})
+
+
+def check_ranges(cfg: Any, prefix: str = "") -> None:
+    """Check every numeric field of ``cfg`` (and of its nested dataclass sections): a field declared with ``ranged``
+    must lie in its range, every float must be finite. Raises ConfigError naming the key, the value and the range."""
+    for f in dataclasses.fields(cfg):
+        value, key = getattr(cfg, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            check_ranges(value, f"{key}.")
+            continue
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        allowed = f.metadata.get("range", Range())
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is out of range: allowed {allowed}")
+
+
 @dataclass
 class ModelConfig:
     preset: str = "tiny"  # a ModelArgs preset; the fields below override it when set
     # Start from these weights instead of a seeded init: an HF or Meta model directory, or a training checkpoint
     # (run/checkpoints/step-N). The shape is then the source's (the fields below must be unset or equal).
     init_from: str = ""
-    dim: int | None = None
-    n_layers: int | None = None
-    n_heads: int | None = None
-    n_kv_heads: int | None = None
-    vocab_size: int | None = None  # None: the vocabulary of the tokenizer recorded in the shards
-    multiple_of: int | None = None
-    ffn_dim_multiplier: float | None = None
-    max_seq_len: int | None = None
-    rope_theta: float | None = None
+    dim: int | None = ranged(None, min=1)
+    n_layers: int | None = ranged(None, min=1)
+    n_heads: int | None = ranged(None, min=1)
+    n_kv_heads: int | None = ranged(None, min=1)
+    vocab_size: int | None = ranged(None, min=1)  # None: the vocabulary of the tokenizer recorded in the shards
+    multiple_of: int | None = ranged(None, min=1)
+    ffn_dim_multiplier: float | None = ranged(None, above=0)
+    max_seq_len: int | None = ranged(None, min=1)
+    rope_theta: float | None = ranged(None, above=0)
     tie_embeddings: bool | None = None
 
 
@@ -49,48 +106,50 @@ class ModelConfig:
 class DataConfig:
     path: str = ""  # a directory written by `herd data tokenize`
     tokenizer: str = ""  # optional: must match the tokenizer recorded in the shards
-    seq_len: int = 8192  # tokens per training sequence (Llama 3: 8192)
-    batch_size: int = 8  # sequences per optimizer step (global, summed over accumulation and data-parallel ranks)
+    seq_len: int = ranged(8192, min=1)  # tokens per training sequence (Llama 3: 8192)
+    # sequences per optimizer step (global, summed over accumulation and data-parallel ranks)
+    batch_size: int = ranged(8, min=1)
     document_masking: bool = True  # attention never crosses a document boundary
     # RoPE positions restart at each document. Default False: Meta describes masking only, and absolute positions
     # keep the model's view of position identical between packed training and single-document inference prefixes.
     per_document_positions: bool = False
-    val_fraction: float = 0.01  # the last documents (this fraction) are held out for validation
-    seed: int = 0  # shuffles the document order (a new permutation every epoch)
+    val_fraction: float = ranged(0.01, min=0, below=1)  # the last documents (this fraction) are held out for validation
+    seed: int = ranged(0, min=0)  # shuffles the document order (a new permutation every epoch)
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1  # the decay ends at lr * min_lr_ratio
-    warmup_steps: int = 100
+    steps: int = ranged(1000, min=1)
+    lr: float = ranged(3e-4, min=0)
+    min_lr_ratio: float = ranged(0.1, min=0, max=1)  # the decay ends at lr * min_lr_ratio
+    warmup_steps: int = ranged(100, min=0)
     decay: str = "cosine"  # cosine | linear
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-    grad_accum: int = 1  # micro-batches per step (batch_size must divide evenly)
+    weight_decay: float = ranged(0.1, min=0)
+    beta1: float = ranged(0.9, min=0, below=1)
+    beta2: float = ranged(0.95, min=0, below=1)
+    eps: float = ranged(1e-8, min=0)
+    grad_clip: float = ranged(1.0, min=0)  # max global grad norm; 0 disables clipping
+    grad_accum: int = ranged(1, min=1)  # micro-batches per step (batch_size must divide evenly)
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     activation_checkpointing: str = "none"  # none | full (every block) | selective (op-level, torchtitan's policy)
     compile: bool = False  # torch.compile each block
     device: str = "auto"  # auto | cpu | cuda
-    seed: int = 0  # model initialisation
-    val_interval: int = 0  # steps between validation passes (0: only at the end)
-    val_batches: int = 4
-    peak_flops: float = 0.0  # FLOP/s for MFU; 0: known-device table, or a measured matmul peak on CPU
+    seed: int = ranged(0, min=0)  # model initialisation
+    val_interval: int = ranged(0, min=0)  # steps between validation passes (0: only at the end)
+    val_batches: int = ranged(4, min=0)
+    peak_flops: float = ranged(0.0, min=0)  # FLOP/s for MFU; 0: known-device table, or a measured matmul peak on CPU
     on_bad_step: str = "skip"  # non-finite loss/grad norm or a spike: skip (drop the update) | rollback | stop
-    max_bad_steps: int = 5  # consecutive bad steps tolerated before stopping
-    spike_factor: float = 0.0  # a loss above this x its recent mean is a bad step (0: no spike check)
-    step_timeout_s: float = 0.0  # a step longer than this dumps all stacks and exits 1 (0: no watchdog)
+    max_bad_steps: int = ranged(5, min=0)  # consecutive bad steps tolerated before stopping
+    # a loss above this x its recent mean is a bad step (0: no spike check)
+    spike_factor: float = ranged(0.0, above=1, off=0)
+    step_timeout_s: float = ranged(0.0, min=0)  # a step longer than this dumps all stacks and exits 1 (0: no watchdog)
 
 
 @dataclass
 class CheckpointConfig:
     enabled: bool = True  # false: no training checkpoints at all (throughput benchmarks); such a run cannot resume
-    interval: int = 0  # steps between checkpoints; 0: only at the end
-    keep: int = 2  # most recent checkpoints kept
+    interval: int = ranged(0, min=0)  # steps between checkpoints; 0: only at the end
+    keep: int = ranged(2, min=0)  # most recent checkpoints kept (0: all)
     async_save: bool = False  # dcp.async_save: copy to host memory, write in a background thread
     export_hf: bool = True  # write the final model as an HF-layout directory (run_dir/model) with its tokenizer
 
@@ -108,13 +167,14 @@ class ParallelConfig:
     ``dp_shard`` ranks (``dp_replicate`` > 1 adds replica groups: HSDP); ``tp`` splits every matmul over heads / hidden
     units (sequence parallel on the norms); ``pp`` splits the layers into pipeline stages."""
 
-    dp_replicate: int = 1
-    dp_shard: int = 1
-    tp: int = 1
-    pp: int = 1
+    dp_replicate: int = ranged(1, min=1)
+    dp_shard: int = ranged(1, min=1)
+    tp: int = ranged(1, min=1)
+    pp: int = ranged(1, min=1)
     pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved (interleaved 1F1B: two stages per pipeline rank)
-    pp_microbatches: int = 0  # micro-batches per step through the pipeline; 0: one per pipeline stage
-    sdc_check_interval: int = 0  # steps between cross-replica parameter checksums (needs dp_replicate > 1); 0: off
+    pp_microbatches: int = ranged(0, min=0)  # micro-batches per step through the pipeline; 0: one per pipeline stage
+    # steps between cross-replica parameter checksums (needs dp_replicate > 1); 0: off
+    sdc_check_interval: int = ranged(0, min=0)
 
 
 @dataclass
@@ -195,6 +255,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), cls: type = 
         if section not in sections:
             raise ConfigError(f"override {item!r}: unknown section '{section}' (known: {', '.join(sorted(sections))})")
         _apply(getattr(cfg, section), {key: value}, f"override --{section}")
+    check_ranges(cfg)
     return cfg
 
 

@@ -68,12 +68,37 @@ def test_run_writes_shards_removed_stats_and_funnel(corpus, tmp_path):
     assert len(texts) == len(set(texts))
 
 
-def test_output_identical_for_any_worker_count(corpus, tmp_path):
-    run([corpus], tmp_path / "w1", workers=1, run__shard_files=3)
-    run([corpus], tmp_path / "w2", workers=2, run__shard_files=3)
+def kept_records(out: Path) -> list[dict]:
+    return [r for f in sorted((out / "data").rglob("*.jsonl.zst")) for r in read_jsonl_zst(f)]
+
+
+def test_output_identical_for_any_worker_count_with_language_routing(corpus, tmp_path):
+    run([corpus], tmp_path / "plain", workers=1, run__shard_files=3)
+    run([corpus], tmp_path / "w1", workers=1, run__shard_files=3, run__route_by="language")
+    stats = run([corpus], tmp_path / "w2", workers=2, run__shard_files=3, run__route_by="language")
     a, b = tree_bytes(tmp_path / "w1"), tree_bytes(tmp_path / "w2")
     assert a.keys() == b.keys() and a == b
     assert len([k for k in a if k.startswith("data/")]) > 2
+    # routing only regroups: each folder holds exactly the kept documents of its language, in corpus order
+    plain = kept_records(tmp_path / "plain")
+    folders = sorted(p.name for p in (tmp_path / "w1" / "data").iterdir())
+    assert {"en", "code"} <= set(folders) and not list((tmp_path / "w1" / "data").glob("*.jsonl.zst"))
+    for lang in folders:
+        routed = [r for f in sorted((tmp_path / "w1" / "data" / lang).glob("*.jsonl.zst")) for r in read_jsonl_zst(f)]
+        assert routed == [r for r in plain if r["language"] == lang], lang
+        assert stats["output"]["routes"][lang]["docs"] == len(routed)
+    assert sum(v["docs"] for v in stats["output"]["routes"].values()) == stats["output"]["docs"] == len(plain)
+    # `herd data tokenize DIR` (expand_inputs) finds the routed shards
+    from herd.data.readers import expand_inputs
+
+    assert len(expand_inputs([tmp_path / "w1"])) == len([k for k in a if k.startswith("data/")])
+
+
+def test_route_names_are_safe_folder_names():
+    from herd.data.pipeline import route_name
+
+    assert [route_name(v) for v in ("en", "zh-Hant", None, "", "../etc", "a b/c", 3)] == [
+        "en", "zh-Hant", "unknown", "unknown", "_etc", "a_b_c", "3"]
 
 
 class CrashingExecutor(LocalExecutor):
@@ -203,13 +228,15 @@ def test_ray_executor_output_identical_to_local(corpus, tmp_path):
     pytest.importorskip("ray")
     from herd.data.executors import RayExecutor
 
-    run([corpus / "pages", corpus / "src", corpus / "crawl.warc.gz"], tmp_path / "local", run__shard_files=3)
+    run([corpus / "pages", corpus / "src", corpus / "crawl.warc.gz"], tmp_path / "local", run__shard_files=3,
+        run__route_by="language")
     ex = RayExecutor(workers=2)
     try:
         cfg = DataRunConfig()
-        cfg.run.shard_files = 3
+        cfg.run.shard_files, cfg.run.route_by = 3, "language"
         run_pipeline([str(corpus / "pages"), str(corpus / "src"), str(corpus / "crawl.warc.gz")], tmp_path / "ray",
                      cfg, ex, progress=False)
     finally:
         ex.close()
     assert tree_bytes(tmp_path / "ray") == tree_bytes(tmp_path / "local")
+    assert (tmp_path / "ray" / "data" / "en").is_dir() and (tmp_path / "ray" / "data" / "code").is_dir()

@@ -1,8 +1,11 @@
 """Agreement with lm-evaluation-harness (its HF backend) on the same tiny model and the same local data, where the
 settings coincide: MMLU letter log-likelihood (5-shot from dev, first_n), ARC-Challenge as MMLU-style letters (25
-shots from train, first_n), GSM8K 8-shot CoT strict match (lm-eval's own ``gsm8k_cot`` config). The per-item
-decisions must be identical, so the scores are identical; the log-likelihoods agree to 1e-3 (herd computes the
-shared few-shot prefix once and the rest in a batch, lm-eval the whole sequence: float32 rounding differs)."""
+shots from train, first_n), GSM8K 8-shot CoT strict match (lm-eval's own ``gsm8k_cot`` config), three AGIEval
+English multiple-choice exams in the AGIEval loader's 3-5-shot layout (rendered by lm-eval from the data fields: the
+prompt text is identical too), and BBH 3-shot CoT (lm-eval's own ``bbh_cot_fewshot`` configs; herd run with
+lm-eval's trailing newline and "Q" stop). The per-item decisions must be identical, so the scores are identical; the
+log-likelihoods agree to 1e-3 (herd computes the shared few-shot prefix once and the rest in a batch, lm-eval the
+whole sequence: float32 rounding differs)."""
 
 import json
 from pathlib import Path
@@ -22,6 +25,8 @@ from .test_eval_harness import tiny_model
 DATA = ROOT.parent / "shared" / "benchmarks"
 pytestmark = pytest.mark.slow
 MMLU_SUBJECTS = ["abstract_algebra", "high_school_biology"]
+AGIEVAL = ("lsat-ar", "sat-en-without-passage", "aqua-rat")  # a passage, the passage-less variant, 5 options
+BBH = ("boolean_expressions", "date_understanding", "multistep_arithmetic_two", "word_sorting")
 LIMIT = 4
 
 
@@ -46,7 +51,8 @@ def lm_eval_run(model_dir, tmp_path_factory, monkeypatch_module):
     from lm_eval.tasks import TaskManager
 
     tmp = tmp_path_factory.mktemp("lmeval_tasks")
-    names = list(write_tasks(DATA, tmp, MMLU_SUBJECTS, gsm8k_max_tokens=24).values())
+    names = list(write_tasks(DATA, tmp, MMLU_SUBJECTS, gsm8k_max_tokens=24, agieval_exams=AGIEVAL,
+                                    bbh_tasks=BBH, bbh_max_tokens=24).values())
     results = lm_eval.simple_evaluate(
         model="hf", model_args={"pretrained": str(model_dir), "dtype": "float32", "add_bos_token": True,
                                 "max_length": 4096},
@@ -99,6 +105,20 @@ def test_mmlu_and_arc_letter_loglikelihoods_match_lm_eval(model_dir, lm_eval_run
         assert ours == pytest.approx(lm_eval_run["results"][task]["acc,none"])
 
 
+def test_agieval_prompts_and_letter_loglikelihoods_match_lm_eval(model_dir, lm_eval_run, tmp_path):
+    herd_items = {it.id: it for it in build_task("agieval_en", DATA, TaskOptions(limit=LIMIT)).items}
+    herd_records = _herd_run(model_dir, "agieval_en", tmp_path, subsets=AGIEVAL)
+    for exam in AGIEVAL:
+        samples = sorted(lm_eval_run["samples"][f"herd_agieval_{exam.replace('-', '_')}"], key=lambda s: s["doc_id"])
+        assert len(samples) == LIMIT
+        for s in samples:
+            key = f"{exam}/{s['doc_id']}"
+            assert {ctx for ctx, _ in s["arguments"]} == {herd_items[key].prompt}  # lm-eval rendered the same text
+            assert [cont for _, cont in s["arguments"]] == herd_items[key].continuations
+            assert herd_records[key]["response"] == pytest.approx([r[0][0] for r in s["resps"]], abs=1e-3)
+            assert herd_records[key]["metrics"]["acc"] == s["acc"]
+
+
 def _visible(text: str) -> str:
     return text.replace("\ufffd", "")
 
@@ -117,3 +137,29 @@ def test_gsm8k_strict_match_matches_lm_eval(model_dir, lm_eval_run, tmp_path):
         assert ours["metrics"]["exact_match"] == s["exact_match"]
     strict = lm_eval_run["results"]["herd_gsm8k_cot"]["exact_match,strict-match"]
     assert sum(r["metrics"]["exact_match"] for r in herd_gsm.values()) / LIMIT == pytest.approx(strict)
+
+
+def test_bbh_cot_completions_and_decisions_match_lm_evals_own_bbh_cot_fewshot(model_dir, lm_eval_run, tmp_path):
+    """lm-eval's ``bbh_cot_fewshot`` prompt is herd's (the data set's cot-prompts file) plus a newline after "Let's
+    think step by step." (for sports_understanding its exemplars also differ; see test_eval_prompts.py), and it
+    stops at any "Q": herd run with those two settings generates the same text and makes the same decisions."""
+    backend = LocalBackend.from_dir(str(model_dir), batch_size=4)
+    spec = build_task("bbh", DATA, TaskOptions(limit=LIMIT, subsets=BBH))
+    for item in spec.items:
+        item.prompt += "\n"
+    spec.generation.stop, spec.generation.max_new_tokens = ("</s>", "Q", "\n\n"), 24
+    progress = ProgressFile(tmp_path / "bbh.partial.jsonl", {"test": "bbh"})
+    run_task(backend, spec, progress, seed=0, show_progress=False)
+    responses = {i: r for (_, i), r in progress.done.items()}
+    progress.close()
+    _, records = score_records(spec, responses)
+    ours = {r["id"]: r for r in records}
+    prompts = {it.id: it.prompt for it in spec.items}
+    for name in BBH:
+        samples = sorted(lm_eval_run["samples"][f"herd_bbh_{name}"], key=lambda s: s["doc_id"])
+        assert len(samples) == LIMIT
+        for s in samples:
+            key = f"{name}/{s['doc_id']}"
+            assert s["arguments"][0][0] == prompts[key]
+            assert _visible(ours[key]["response"][0]) == _visible(s["resps"][0][0])
+            assert ours[key]["metrics"]["exact_match"] == s["exact_match"]

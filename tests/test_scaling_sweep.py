@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 
 import pytest
 import torch
@@ -38,6 +39,7 @@ lr = 3e-3
 device = "cpu"
 dtype = "fp32"
 val_batches = 2
+peak_flops = 1e11  # the MFU denominator: given, so no run spends seconds measuring the CPU
 
 [log]
 progress = false
@@ -125,6 +127,16 @@ def test_sweep_trains_scores_skips_and_fits(sweep_inputs, tmp_path, capsys):
     assert main(["scaling", "sweep", "--config", str(config), "--out", str(out)]) == 0
     again = [json.loads(line) for line in (out / "points.jsonl").read_text().splitlines()]
     assert {r["name"]: r["loss"] for r in again} == {r["name"]: r["loss"] for r in rows}
+    # Points retrained two at a time in `herd pretrain` child processes (scaling.jobs=2) give the same points.
+    # Tolerance: the children run one torch thread where this process runs two, so reductions sum in another order.
+    for row in rows[:2]:
+        shutil.rmtree(out / "runs" / row["name"])
+    assert main(["scaling", "sweep", "--config", str(config), "--out", str(out), "--scaling.jobs=2"]) == 0
+    parallel = [json.loads(line) for line in (out / "points.jsonl").read_text().splitlines()]
+    assert [r["name"] for r in parallel] == [r["name"] for r in rows]
+    for got, want in zip(parallel, rows):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-3), got["name"]
+    assert (out / "runs" / rows[0]["name"] / "train.log").exists()
 
     assert main(["scaling", "fit", str(out), "--bootstrap", "20"]) == 0
     fit = json.loads((out / "fit.json").read_text())

@@ -40,10 +40,11 @@ def model_dir(small_tokenizer, tmp_path_factory):
     return path
 
 
-def start_server(model_dir, **engine_kw):
+def start_server(model_dir, server_kw=None, model=None, **engine_kw):
     tok = Tokenizer(model_dir)
-    engine = Engine(herd.load_model(model_dir), tok, **{"max_batch": 8, "max_len": 256, **engine_kw})
-    server = Server(engine, tok, "tiny-chat", read_generation_config(model_dir, tok)["eos_token_id"], api_key=KEY)
+    engine = Engine(model or herd.load_model(model_dir), tok, **{"max_batch": 8, "max_len": 256, **engine_kw})
+    server = Server(engine, tok, "tiny-chat", read_generation_config(model_dir, tok)["eos_token_id"], api_key=KEY,
+                    **(server_kw or {}))
     uv = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=free_port(), log_level="warning"))
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()

@@ -74,11 +74,40 @@ def permute_from_hf(w: Tensor, n_heads: int) -> Tensor:
 
 
 # --- config.json <-> ModelArgs ------------------------------------------------------------------------------------
-def args_from_config(cfg: dict[str, Any], source: str) -> ModelArgs:
-    def need(key: str) -> Any:
-        if key not in cfg:
+_REQUIRED = object()
+
+
+def config_value(cfg: dict[str, Any], key: str, kind: type, source: str, default: Any = _REQUIRED) -> Any:
+    """``cfg[key]`` checked against ``kind``: int (a positive integer), float (a positive finite number) or bool; a
+    missing key gives ``default`` (``None`` included), or an error naming the key when there is none."""
+    import math
+
+    if key not in cfg or (cfg[key] is None and default is not _REQUIRED):
+        if default is _REQUIRED:
             raise CheckpointError(f"{source}: missing required key '{key}'")
-        return cfg[key]
+        return default
+    value = cfg[key]
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise CheckpointError(f"{source}: '{key}' must be true or false, got {value!r}")
+        return value
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int and not (number and value == int(value) and value >= 1):
+        raise CheckpointError(f"{source}: '{key}' must be a positive integer, got {value!r}")
+    if kind is float and not (number and math.isfinite(value) and value > 0):
+        raise CheckpointError(f"{source}: '{key}' must be a positive number, got {value!r}")
+    return kind(value)
+
+
+def args_from_config(cfg: dict[str, Any], source: str) -> ModelArgs:
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{source}: expected a JSON object of model settings, got a {type(cfg).__name__}")
+
+    def need(key: str, kind: type = int) -> Any:
+        return config_value(cfg, key, kind, source)
+
+    def get(key: str, default: Any, kind: type) -> Any:
+        return config_value(cfg, key, kind, source, default)
 
     if cfg.get("model_type", "llama") != "llama":
         raise CheckpointError(f"{source}: model_type {cfg['model_type']!r} is not 'llama'")
@@ -92,25 +121,24 @@ def args_from_config(cfg: dict[str, Any], source: str) -> ModelArgs:
     if not isinstance(rope, dict):
         raise CheckpointError(f"{source}: rope_scaling/rope_parameters must be an object, got {rope!r}")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    theta = (config_value(rope, "rope_theta", float, f"{source}: rope_parameters") if "rope_theta" in rope
+             else get("rope_theta", 10000.0, float))
     kw: dict[str, Any] = dict(
         dim=need("hidden_size"), n_layers=need("num_hidden_layers"), n_heads=need("num_attention_heads"),
-        n_kv_heads=cfg.get("num_key_value_heads"), vocab_size=need("vocab_size"),
-        norm_eps=cfg.get("rms_norm_eps", 1e-6),
-        rope_theta=float(theta), max_seq_len=cfg.get("max_position_embeddings", 8192),
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        n_kv_heads=get("num_key_value_heads", None, int), vocab_size=need("vocab_size"),
+        norm_eps=get("rms_norm_eps", 1e-6, float),
+        rope_theta=theta, max_seq_len=get("max_position_embeddings", 8192, int),
+        tie_embeddings=get("tie_word_embeddings", False, bool),
     )
     if rope_type == "llama3":
-        try:
-            kw.update(use_scaled_rope=True, rope_scaling_factor=float(rope["factor"]),
-                      rope_low_freq_factor=float(rope["low_freq_factor"]),
-                      rope_high_freq_factor=float(rope["high_freq_factor"]),
-                      rope_original_max_seq_len=int(rope["original_max_position_embeddings"]))
-        except KeyError as e:
-            raise CheckpointError(f"{source}: llama3 rope scaling is missing key {e}") from None
+        where = f"{source}: rope_scaling"
+        kw.update(use_scaled_rope=True, rope_scaling_factor=config_value(rope, "factor", float, where),
+                  rope_low_freq_factor=config_value(rope, "low_freq_factor", float, where),
+                  rope_high_freq_factor=config_value(rope, "high_freq_factor", float, where),
+                  rope_original_max_seq_len=config_value(rope, "original_max_position_embeddings", int, where))
     elif rope_type != "default":
         raise CheckpointError(f"{source}: unknown rope type {rope_type!r} (supported: default, llama3)")
-    head_dim = cfg.get("head_dim")
+    head_dim = get("head_dim", None, int)
     if head_dim is not None and head_dim != kw["dim"] // kw["n_heads"]:
         kw["head_dim"] = head_dim
     try:
@@ -198,6 +226,7 @@ def iter_tensors(path: Path, args: ModelArgs) -> Iterator[tuple[str, Tensor, str
     from safetensors import SafetensorError, safe_open
 
     for file in weight_files(path):
+        open(file, "rb").close()  # safetensors reports an unreadable file as "No such file or directory"
         try:
             with safe_open(file, framework="pt", device="cpu") as f:
                 for hf_name in f.keys():

@@ -124,6 +124,66 @@ def default_generation_config(tokenizer: Any) -> dict[str, Any]:
 
 
 
+LLAMA3_VOCAB, LLAMA3_RANKS = 128256, 128000  # every Meta Llama 3.x text model: 128,000 BPE ranks + 256 specials
+# Special tokens with the same id in Llama 3.0 and 3.1+ (the reserved ones were renamed between them).
+_STABLE_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+
+
+def check_tokenizer(path: str | Path, tokenizer: Any, args: ModelArgs | None = None) -> None:
+    """Raise ``CheckpointError`` when ``tokenizer`` cannot be the tokenizer of the model directory ``path``.
+
+    A rank file cut at a line boundary still parses, but every special-token id moves down with it, and the model then
+    reads and writes garbage. So the tokenizer is checked against what the directory declares: the embedding must
+    have a row for every id; the BOS id and the EOS ids in ``config.json`` / ``generation_config.json`` and the ids of
+    ``tokenizer_config.json``'s ``added_tokens_decoder`` and ``tokenizer.json``'s ``added_tokens`` must be the
+    tokenizer's; and a model with Llama 3's exact vocabulary (128,256) needs Llama 3's 128,000 ranks.
+    """
+    path = Path(path)
+    args = args or read_args(path)
+    source = next((str(path / name) for name in ("tokenizer.model", "tokenizer.json", "original/tokenizer.model")
+                   if (path / name).exists()), "the tokenizer")
+    config = path / (hf.CONFIG if (path / hf.CONFIG).exists() else meta.PARAMS)
+    n_ranks, n_words = len(tokenizer.ranks), tokenizer.n_words
+    hint = f"{source} has {n_ranks:,} BPE ranks (truncated, or not this model's tokenizer?)"
+    if n_words > args.vocab_size:
+        raise CheckpointError(f"{config}: vocab_size {args.vocab_size:,} is smaller than the tokenizer's {n_words:,} "
+                              f"ids; {hint}")
+    if args.vocab_size == LLAMA3_VOCAB and LLAMA3_RANKS - len(tokenizer.special_tokens) < n_ranks < LLAMA3_RANKS:
+        raise CheckpointError(f"{config}: vocab_size {LLAMA3_VOCAB:,} is Llama 3's, which has {LLAMA3_RANKS:,} ranks, "
+                              f"but {hint}")
+    stops = set(tokenizer.stop_tokens)
+    for file in (path / hf.CONFIG, path / GENERATION_CONFIG):
+        cfg = read_json(file, CheckpointError) if file.exists() else {}
+        if not isinstance(cfg, dict):
+            continue
+        bos, eos = cfg.get("bos_token_id"), cfg.get("eos_token_id")
+        if isinstance(bos, int) and bos != tokenizer.bos_id:
+            raise CheckpointError(f"{file}: bos_token_id is {bos}, but the tokenizer's <|begin_of_text|> is id "
+                                  f"{tokenizer.bos_id}; {hint}")
+        for i in eos if isinstance(eos, list) else [eos]:
+            if isinstance(i, int) and i not in stops:
+                raise CheckpointError(f"{file}: eos_token_id {i} is not one of the tokenizer's stop tokens "
+                                      f"{sorted(stops)}; {hint}")
+    declared: list[tuple[Path, str, int]] = []
+    tok_config = path / "tokenizer_config.json"
+    if tok_config.exists():
+        entries = read_json(tok_config, CheckpointError)
+        entries = entries.get("added_tokens_decoder") if isinstance(entries, dict) else None
+        for i, entry in (entries or {}).items():
+            if isinstance(entry, dict) and str(i).isdigit():
+                declared.append((tok_config, str(entry.get("content")), int(i)))
+    tok_json = path / "tokenizer.json"
+    if not declared and source.endswith("tokenizer.model") and tok_json.exists():
+        added = read_json(tok_json, CheckpointError)
+        for entry in (added.get("added_tokens") or []) if isinstance(added, dict) else []:
+            if isinstance(entry, dict) and isinstance(entry.get("id"), int):
+                declared.append((tok_json, str(entry.get("content")), entry["id"]))
+    for file, name, i in declared:
+        if name in _STABLE_SPECIALS and tokenizer.special_tokens.get(name, i) != i:
+            raise CheckpointError(f"{file}: declares {name} as id {i}, but the tokenizer gives it id "
+                                  f"{tokenizer.special_tokens[name]}; {hint}")
+
+
 def read_generation_config(path: str | Path, tokenizer: Any = None) -> dict[str, Any]:
     """A model directory's ``generation_config.json`` (or the defaults for ``tokenizer``), with ``eos_token_id``
     always a list: the ids that end generation."""

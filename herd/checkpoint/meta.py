@@ -45,7 +45,10 @@ def read_args(path: Path) -> ModelArgs:
     params_path = path / PARAMS
     params = read_json(params_path, CheckpointError)
     if (path / HERD_PARAMS).exists() and isinstance(params, dict):
-        params = {**params, **read_json(path / HERD_PARAMS, CheckpointError)}
+        extras = read_json(path / HERD_PARAMS, CheckpointError)
+        if not isinstance(extras, dict):
+            raise CheckpointError(f"{path / HERD_PARAMS}: expected a JSON object, got a {type(extras).__name__}")
+        params = {**params, **extras}
     try:
         return ModelArgs.from_params(params, source=str(params_path))
     except (ValueError, TypeError) as e:
@@ -65,6 +68,7 @@ def shard_files(path: Path) -> list[Path]:
 
 
 def _load_shard(file: Path) -> dict[str, Tensor]:
+    open(file, "rb").close()  # an unreadable file is the OS's error (permission denied), not "corrupt"
     try:
         return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, OSError) as e:

@@ -25,26 +25,38 @@ def cmd_label(a: argparse.Namespace) -> None:
     import json
     from pathlib import Path
 
-    from herd.data.quality import RUBRIC, label_with_endpoint, label_with_model, parse_answer
+    from herd.data.quality import default_rubric, label_rows, label_with_endpoint, label_with_model
     from herd.data.readers import DataError, expand_inputs, iter_documents
     from herd.io import atomic_write_text
 
     if bool(a.model) == bool(a.endpoint):
         raise DataError("give exactly one of --model DIR or --endpoint URL")
-    rubric = Path(a.rubric).read_text(encoding="utf-8") if a.rubric else RUBRIC
+    labels = tuple(s.strip() for s in a.labels.split(",") if s.strip())
+    if len(set(labels)) < 2:
+        raise DataError(f"--labels {a.labels!r}: give at least two different labels, comma-separated")
+    if a.rubric:
+        if not Path(a.rubric).is_file():
+            raise DataError(f"--rubric {a.rubric}: no such file")
+        rubric = Path(a.rubric).read_text(encoding="utf-8")
+        if not rubric.strip():
+            raise DataError(f"--rubric {a.rubric}: the file is empty")
+    else:
+        rubric = default_rubric(labels)
     texts = []
     for text in iter_documents(expand_inputs(a.input)):
         texts.append(text)
         if len(texts) >= a.samples:
             break
     if a.model:
-        answers = label_with_model(texts, a.model, rubric)
+        answers = label_with_model(texts, a.model, rubric, labels=labels)
     else:
-        answers = label_with_endpoint(texts, a.endpoint, a.endpoint_model, a.api_key or "none", rubric)
-    rows = [{"text": t, "label": parse_answer(ans), "answer": ans} for t, ans in zip(texts, answers)]
+        answers = label_with_endpoint(texts, a.endpoint, a.endpoint_model, a.api_key or "none", rubric, labels=labels)
+    rows = label_rows(texts, answers, labels)
     atomic_write_text(a.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    n = sum(r["label"] is not None for r in rows)
-    print(f"labelled {n} of {len(rows)} documents ({sum(r['label'] == 'yes' for r in rows)} yes) -> {a.out}")
+    counts = ", ".join(f"{lab} {sum(r['label'] == lab for r in rows)}" for lab in labels)
+    unparsable = sum(r["label"] is None for r in rows)
+    print(f"labelled {len(rows) - unparsable} of {len(rows)} documents ({counts}); {unparsable} answers named no "
+          f"label (label null, skipped by train-classifier) -> {a.out}")
 
 
 def cmd_train_classifier(a: argparse.Namespace) -> None:
@@ -71,14 +83,17 @@ def register(sub, groups: dict) -> None:
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_run, takes_overrides=True)
 
-    s = data.add_parser("label", help="have a chat model grade documents against a quality rubric (yes/no)")
+    s = data.add_parser("label", help="have a chat model grade documents against a rubric (quality yes/no, domains)")
     s.add_argument("--input", nargs="+", required=True, help="documents (any `herd data tokenize` input)")
-    s.add_argument("--out", required=True, help="labels JSONL: text, label (yes/no/null), answer")
+    s.add_argument("--out", required=True, help="labels JSONL: text, label (one of --labels, or null), answer")
     s.add_argument("--model", default=None, help="a herd/HF model directory (run by herd's engine)")
     s.add_argument("--endpoint", default=None, help="an OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
     s.add_argument("--endpoint-model", default="default", help="model name to send to the endpoint")
     s.add_argument("--api-key", default=None)
-    s.add_argument("--rubric", default=None, help="a text file with the grading instructions (default: built in)")
+    s.add_argument("--labels", default="yes,no",
+                   help="the answers to look for, comma-separated: yes,no (quality) or e.g. general,math,code (domain)")
+    s.add_argument("--rubric", default=None,
+                   help="a text file with the grading instructions (default: built in, for yes,no or for domains)")
     s.add_argument("--samples", type=int, default=1000, help="documents to label (the first N)")
     s.set_defaults(fn=cmd_label)
 

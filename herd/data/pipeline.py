@@ -4,12 +4,14 @@ The configured stages are cut into passes at every global stage (see stage.py). 
 files for pass 0, pass k-1's output otherwise), applies the previous global stage's plan, runs the doc stages,
 scans for the next global stage and writes, atomically, its kept documents, its removed records and a ``.done``
 file with its counts. A shard whose ``.done`` exists is never redone, so a killed run resumes where it stopped and
-ends with exactly the bytes of an uninterrupted one. Shards are fixed by the inputs alone (one per multi-document
-file, ``shard_files`` single-document files per shard), never by the number of workers.
+ends with exactly the bytes of an uninterrupted one. Shards are fixed by the inputs and the config alone (one per
+multi-document file, or one per ``split_bytes`` piece of a big JSONL/Parquet file; ``shard_files`` single-document
+files per shard), never by the number of workers.
 
 Layout of ``--out DIR``::
 
     data/00000.jsonl.zst ...   kept documents: id, text, then metadata (url, language, scores, domain, ...)
+    data/en/00000.jsonl.zst    ... or, with ``route_by = "language"``, one folder per language (per value of the field)
     removed/00000-p0.jsonl.zst one record per removed document: id, stage, reason, bytes
     stats.json                 documents and bytes in, kept and removed per stage (with reasons)
     funnel.png                 the same as a picture
@@ -19,6 +21,7 @@ Layout of ``--out DIR``::
 
 from __future__ import annotations
 
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +49,7 @@ from herd.data.mix import DomainConfig, DomainTagger, Mix, MixConfig
 from herd.data.quality import QualityConfig, QualityScorer
 from herd.data.readers import DataError
 from herd.data.shardio import read_jsonl_zst, write_jsonl_zst
-from herd.data.sources import is_single_document, iter_records
+from herd.data.sources import is_single_document, iter_records, pieces
 from herd.data.stage import load_npz, plan_path, save_npz
 from herd.io import atomic_write_json, atomic_write_text, read_json
 
@@ -58,6 +61,8 @@ DEFAULT_STAGES = ("extract,url_filter,url_dedup,language,gopher_quality,gopher_r
 class RunConfig:
     stages: str = DEFAULT_STAGES  # the order stages run in; a stage also needs `enabled = true` in its section
     shard_files: int = 1000  # single-document files (txt, html, py, ...) grouped into one input shard
+    split_bytes: int = 256_000_000  # an uncompressed JSONL file larger than this is read as several shards (0: never)
+    route_by: str = ""  # "language" (or any metadata field): kept documents go to data/<value>/; "" = data/ itself
     text_field: str = "text"  # JSONL field / Parquet column holding the text
     strict: bool = False  # true: unreadable input stops the run with an error instead of a removed/ record
     removed_text: bool = False  # also keep the text of removed documents in removed/ (for inspection)
@@ -159,9 +164,11 @@ def input_files(inputs: list[str]) -> list[tuple[str, str]]:
     return out
 
 
-def input_shards(files: list[tuple[str, str]], shard_files: int) -> list[list[tuple[str, str]]]:
-    shards: list[list[tuple[str, str]]] = []
-    group: list[tuple[str, str]] = []
+def input_shards(files: list[tuple[str, str]], shard_files: int, split_bytes: int = 0) -> list[list[tuple]]:
+    """Input shards: runs of ``shard_files`` single-document files; each other file alone, or, when it is a JSONL or
+    Parquet file over ``split_bytes``, each of its pieces alone as ``(path, prefix, piece)``."""
+    shards: list[list[tuple]] = []
+    group: list[tuple] = []
     for f in files:
         if is_single_document(Path(f[0])):
             group.append(f)
@@ -172,7 +179,8 @@ def input_shards(files: list[tuple[str, str]], shard_files: int) -> list[list[tu
             if group:
                 shards.append(group)
                 group = []
-            shards.append([f])
+            cuts = pieces(Path(f[0]), split_bytes)
+            shards += [[f]] if len(cuts) == 1 else [[(f[0], f[1], piece)] for piece in cuts]
     if group:
         shards.append(group)
     return shards
@@ -185,7 +193,7 @@ class Task:
     cfg: DataRunConfig
     pass_index: int
     shard: int
-    inputs: list[tuple[str, str]]  # pass 0 only
+    inputs: list[tuple]  # pass 0 only: (path, id prefix) or (path, id prefix, piece)
 
 
 _STAGE_CACHE: dict[str, list] = {}
@@ -244,8 +252,8 @@ def run_task(task: Task) -> dict:
         removed.append(rec)
 
     if task.pass_index == 0:
-        for path, prefix in task.inputs:
-            for rec in iter_records(Path(path), prefix, task.cfg.run.text_field):
+        for path, prefix, *piece in task.inputs:
+            for rec in iter_records(Path(path), prefix, task.cfg.run.text_field, *piece):
                 if "error" in rec:
                     if task.cfg.run.strict:
                         raise DataError(f"{path}: {rec['id']}: {rec['error']}")
@@ -289,12 +297,33 @@ def run_task(task: Task) -> dict:
 
     if p.after is not None:
         save_npz(out / "work" / f"scan-{p.after.name}" / f"{task.shard:05d}.npz", **p.after.scan(kept))
-    write_jsonl_zst(_pass_dir(out, task.pass_index, len(passes)) / f"{task.shard:05d}.jsonl.zst", kept)
+    result = {"stats": counter.stats, "docs_out": len(kept), "bytes_out": sum(_nbytes(d) for d in kept)}
+    final = task.pass_index == len(passes) - 1
+    if final and task.cfg.run.route_by:
+        result["routes"] = write_routed(out / "data", task.shard, kept, task.cfg.run.route_by)
+    else:
+        write_jsonl_zst(_pass_dir(out, task.pass_index, len(passes)) / f"{task.shard:05d}.jsonl.zst", kept)
     if removed:
         write_jsonl_zst(out / "removed" / f"{task.shard:05d}-p{task.pass_index}.jsonl.zst", removed)
-    result = {"stats": counter.stats, "docs_out": len(kept), "bytes_out": sum(_nbytes(d) for d in kept)}
     atomic_write_json(done, result)  # written last: the shard is finished only when this exists
     return result
+
+
+def route_name(value) -> str:
+    """A folder name for a routing value: the value with anything but letters, digits, ``_.-`` replaced."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(value)).lstrip(".") if value not in (None, "") else ""
+    return name or "unknown"
+
+
+def write_routed(data_dir: Path, shard: int, docs: list[dict], field: str) -> dict[str, list[int]]:
+    """Write a shard's kept documents to ``data_dir/<value of field>/SHARD.jsonl.zst`` (corpus order kept within
+    each folder); returns {folder: [docs, bytes]}."""
+    groups: dict[str, list[dict]] = {}
+    for doc in docs:
+        groups.setdefault(route_name(doc.get(field)), []).append(doc)
+    for name in sorted(groups):
+        write_jsonl_zst(data_dir / name / f"{shard:05d}.jsonl.zst", groups[name])
+    return {name: [len(groups[name]), sum(_nbytes(d) for d in groups[name])] for name in sorted(groups)}
 
 
 # --- the driver -------------------------------------------------------------------------------------------------
@@ -304,7 +333,7 @@ def run_pipeline(inputs: list[str], out: str | Path, cfg: DataRunConfig, executo
 
     out = Path(out)
     files = input_files(inputs)
-    shards = input_shards(files, cfg.run.shard_files)
+    shards = input_shards(files, cfg.run.shard_files, cfg.run.split_bytes)
     _check_or_record_run(out, cfg, files)
     if (out / "stats.json").exists():
         return read_json(out / "stats.json", DataError)
@@ -325,6 +354,7 @@ def run_pipeline(inputs: list[str], out: str | Path, cfg: DataRunConfig, executo
                 scans = [out / "work" / f"scan-{p.after.name}" / f"{i:05d}.npz" for i in range(len(shards))]
                 p.after.reduce(scans, plan_dir, executor)
                 atomic_write_text(plan_dir / "DONE", "")
+    (out / "data").mkdir(exist_ok=True)  # even when nothing was kept (or routed), DIR/data marks a finished run
     stats = aggregate_stats(results, [s.name for s in build_stages(cfg)])
     atomic_write_json(out / "stats.json", stats)
     plot_funnel(stats, out / "funnel.png")

@@ -1,7 +1,7 @@
 """Streaming document readers: plain text, JSONL (a ``text`` field per line) and Parquet (a ``text`` column).
 
 A ``.jsonl``/``.json``/``.jsonl.zst`` line or a Parquet row is one document (a directory written by
-``herd data run`` stands for its kept shards, ``DIR/data/*.jsonl.zst``); any other file (``.txt``, ``.py``, ``.md``
+``herd data run`` stands for its kept shards, ``DIR/data/**/*.jsonl.zst``); any other file (``.txt``, ``.py``, ``.md``
 ...) is one document. Documents are yielded one at a time, so corpora larger than memory stream through. Bad input
 raises ``DataError`` naming the file and line.
 """
@@ -31,7 +31,7 @@ def expand_inputs(inputs: Iterable[str | Path], suffixes: tuple[str, ...] | None
     for item in inputs:
         path = Path(item)
         if path.is_dir() and (path / "stats.json").is_file() and (path / "data").is_dir():
-            files += sorted((path / "data").glob("*.jsonl.zst"))  # a `herd data run` output: its kept shards
+            files += sorted((path / "data").rglob("*.jsonl.zst"))  # a `herd data run` output: its kept shards
         elif path.is_dir():
             found = sorted(p for p in path.rglob("*")
                            if p.is_file() and p.suffix.lower() not in BINARY_SUFFIXES

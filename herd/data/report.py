@@ -24,10 +24,16 @@ def aggregate_stats(results: list[list[dict]], stage_order: list[str]) -> dict:
         t["reasons"] = dict(sorted(t["reasons"].items(), key=lambda kv: (-kv[1], kv[0])))
     last = results[-1]
     read = ordered.get("read", {"docs_in": 0, "bytes_in": 0})
-    return {"input": {"docs": read["docs_in"], "bytes": read["bytes_in"]},
-            "output": {"docs": sum(r["docs_out"] for r in last), "bytes": sum(r["bytes_out"] for r in last),
-                       "shards": len(last)},
-            "stages": ordered}
+    output = {"docs": sum(r["docs_out"] for r in last), "bytes": sum(r["bytes_out"] for r in last),
+              "shards": len(last)}
+    if any("routes" in r for r in last):  # route_by: documents, bytes and shard files per folder
+        routes: dict[str, dict] = {}
+        for r in last:
+            for name, (n_docs, n_bytes) in r.get("routes", {}).items():
+                t = routes.setdefault(name, {"docs": 0, "bytes": 0, "shards": 0})
+                t["docs"], t["bytes"], t["shards"] = t["docs"] + n_docs, t["bytes"] + n_bytes, t["shards"] + 1
+        output["routes"] = dict(sorted(routes.items()))
+    return {"input": {"docs": read["docs_in"], "bytes": read["bytes_in"]}, "output": output, "stages": ordered}
 
 
 def format_stats(stats: dict) -> str:
@@ -40,6 +46,8 @@ def format_stats(stats: dict) -> str:
     o, i = stats["output"], stats["input"]
     lines.append(f"kept {o['docs']:,} of {i['docs']:,} documents, {o['bytes']:,} of {i['bytes']:,} bytes "
                  f"in {o['shards']} shard(s)")
+    if "routes" in o:
+        lines.append("routed: " + ", ".join(f"{k} {v['docs']:,}" for k, v in o["routes"].items()))
     return "\n".join(lines)
 
 

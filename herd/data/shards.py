@@ -12,8 +12,11 @@ uint32 because Llama 3's vocabulary (128,256) does not fit in uint16.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
-from collections.abc import Iterable
+import signal
+import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +35,51 @@ _worker_tok: Tokenizer | None = None
 
 def _init_worker(tokenizer_path: str) -> None:
     global _worker_tok
+    # Ctrl-C reaches the whole process group: the parent stops the pool; a worker that handled it too would print a
+    # KeyboardInterrupt (then BrokenPipe) traceback of its own. (The pool is started with SIGINT ignored, which the
+    # workers inherit before Python starts; this keeps it so should anything reinstall a handler.)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _worker_tok = Tokenizer(tokenizer_path)
+
+
+def documents(inputs: Iterable[str | Path], files: list[Path]) -> Iterator[str]:
+    """``iter_documents(files)``, with the empty-corpus error naming the inputs it was given."""
+    try:
+        yield from iter_documents(files)
+    except DataError as e:
+        if not str(e).startswith("empty corpus"):
+            raise
+        raise DataError(f"{', '.join(str(i) for i in inputs)}: {e}") from None
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def terminate_as_exit() -> Iterator[None]:
+    """Turn SIGTERM into ``SystemExit(143)`` while a worker pool runs, so that the pool is stopped and the temporary
+    output removed on the way out, instead of the parent vanishing under workers that then fail writing to it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _encode(doc: str) -> np.ndarray:
@@ -44,9 +91,10 @@ def tokenize_to_shards(inputs: Iterable[str | Path], tokenizer_path: str | Path,
     """Tokenize every document (BOS + text + EOS) on ``workers`` processes, in input order, into shards."""
     tok = Tokenizer(tokenizer_path)
     tok_file = _tokenizer_file(Path(tokenizer_path))
+    inputs = list(inputs)
     files = expand_inputs(inputs)
     workers = workers or max(1, min(mp.cpu_count(), 8))
-    with atomic_directory(out) as tmp:
+    with terminate_as_exit(), atomic_directory(out) as tmp:
         shards, buf, offsets, n_tokens, n_docs = [], [], [0], 0, 0
 
         def flush() -> None:
@@ -62,8 +110,10 @@ def tokenize_to_shards(inputs: Iterable[str | Path], tokenizer_path: str | Path,
 
         bar = tqdm(desc="tokenizing", unit="doc", disable=not progress)
         ctx = mp.get_context("spawn")  # fork is unsafe with threads (tiktoken, torch) already running
-        with ctx.Pool(workers, initializer=_init_worker, initargs=(str(tok_file),)) as pool:
-            for ids in pool.imap(_encode, iter_documents(files), chunksize=16):
+        with _sigint_ignored():  # inherited by the workers from their first instruction (see _init_worker)
+            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(str(tok_file),))
+        with pool:
+            for ids in pool.imap(_encode, documents(inputs, files), chunksize=16):
                 buf.append(ids)
                 offsets.append(offsets[-1] + len(ids))
                 n_tokens += len(ids)

@@ -87,7 +87,9 @@ class LocalBackend:
             return self.tokenizer.encode(prompt, bos=True)
         if self.chat_format is None:
             raise UserError("--chat needs a tokenizer with Llama 3's chat special tokens")
-        return self.chat_format.encode_dialog_prompt(prompt)
+        # Contents trimmed as Meta's Llama 3 Instruct chat template does (``message['content'] | trim``), so a model
+        # directory sees the ids that transformers' apply_chat_template / lm-eval --apply_chat_template give it.
+        return self.chat_format.encode_dialog_prompt([{**m, "content": m["content"].strip()} for m in prompt])
 
     def _request(self, context: str, continuation: str) -> _Request:
         context, continuation = split_context(context, continuation)

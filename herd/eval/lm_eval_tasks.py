@@ -1,7 +1,10 @@
 """lm-evaluation-harness task configs over the same local files herd reads, with the settings where the two agree
 (for the agreement tests and ``benchmarks/bench_eval.py``): MMLU 5-shot letter log-likelihood (lm-eval's own
 ``mmlu`` template and description, few-shot from dev, ``first_n``), ARC-Challenge as MMLU-style letters (25 shots
-from train, ``first_n``), GSM8K 8-shot CoT (lm-eval's own ``gsm8k_cot.yaml``, pointed at the local test file).
+from train, ``first_n``), GSM8K 8-shot CoT (lm-eval's own ``gsm8k_cot.yaml``, pointed at the local test file), and
+AGIEval English multiple-choice exams in the AGIEval loader's few-shot layout (lm-eval's own ``agieval`` tasks are
+0-shot over pre-rendered HF copies; this is the 3-5-shot setting Meta reports, rendered by lm-eval's Jinja templates
+from the data set's fields: the exemplars as ``fewshot_config.samples``, the letter after "The answer is therefore").
 The data is written as JSONL next to the YAML files (a scratch directory, not the benchmark folder)."""
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def write_tasks(data_dir: str | Path, out: str | Path, mmlu_subjects: list[str], gsm8k_max_tokens: int = 512
+def write_tasks(data_dir: str | Path, out: str | Path, mmlu_subjects: list[str], gsm8k_max_tokens: int = 512,
+                agieval_exams: tuple[str, ...] = (), bbh_tasks: tuple[str, ...] = (), bbh_max_tokens: int = 1024
                 ) -> dict[str, str]:
-    """Write the YAML (and JSONL) files into ``out``; returns {herd task or MMLU subject: lm-eval task name}."""
+    """Write the YAML (and JSONL) files into ``out``; returns {herd task, MMLU subject or ``agieval/<exam>``: lm-eval
+    task name}."""
     import yaml
     from lm_eval import tasks as lm_tasks
 
@@ -68,4 +73,56 @@ def write_tasks(data_dir: str | Path, out: str | Path, mmlu_subjects: list[str],
     cot["generation_kwargs"]["max_gen_toks"] = gsm8k_max_tokens
     (out / "herd_gsm8k_cot.yaml").write_text(yaml.safe_dump(cot))
     names["gsm8k"] = "herd_gsm8k_cot"
+    for exam in agieval_exams:
+        names[f"agieval/{exam}"] = _write_agieval(data_dir, out, exam)
+    for name in bbh_tasks:
+        names[f"bbh/{name}"] = _write_bbh(data_dir, out, name, bbh_max_tokens)
     return names
+
+
+def _write_bbh(data_dir: Path, out: Path, name: str, max_tokens: int) -> str:
+    """lm-eval's own ``bbh_cot_fewshot_<name>`` (its YAML and template, exemplars embedded) over the local task file."""
+    import yaml
+    from lm_eval import tasks as lm_tasks
+
+    folder = Path(lm_tasks.__file__).parent / "bbh" / "cot_fewshot"
+    cfg = yaml.safe_load((folder / "_cot_fewshot_template_yaml").read_text())
+    cfg.update(yaml.safe_load((folder / f"{name}.yaml").read_text()))
+    cfg.pop("include", None)
+    examples = json.loads((data_dir / "bbh" / "bbh" / f"{name}.json").read_text(encoding="utf-8"))["examples"]
+    test = _write_jsonl(out / f"bbh_{name}.jsonl", examples)
+    cfg.update({"task": f"herd_bbh_{name}", "dataset_path": "json", "dataset_name": None,
+                "dataset_kwargs": {"data_files": {"test": str(test)}}})
+    cfg.pop("tag", None)
+    cfg["generation_kwargs"]["max_gen_toks"] = max_tokens
+    (out / f"herd_bbh_{name}.yaml").write_text(yaml.safe_dump(cfg))
+    return cfg["task"]
+
+
+AGIEVAL_TEXT = ("Problem {{number}}.   {{passage if passage else ''}} {{question}}\n"
+                "Choose from the following options:    {{options | join(' ')}}\nThe answer is therefore")
+
+
+def _write_agieval(data_dir: Path, out: Path, exam: str) -> str:
+    import yaml
+
+    from herd.eval.tasks.agieval import exemplars
+
+    def doc(row: dict, number: int, passage: bool = True) -> dict:
+        letters = list("ABCDE"[: len(row["options"])])
+        return {"passage": row.get("passage") if passage else None, "question": row["question"],
+                "options": row["options"], "letters": letters, "answer": letters.index(row["label"]),
+                "number": number}
+
+    demos = exemplars(data_dir, exam)
+    shots = [doc(d, i + 1, exam != "sat-en-without-passage") for i, d in enumerate(demos)]
+    rows = read_jsonl(data_dir / "agieval" / "data" / "v1" / f"{exam}.jsonl")
+    test = _write_jsonl(out / f"agieval_{exam}.jsonl", [doc(r, len(demos) + 1) for r in rows])
+    name = f"herd_agieval_{exam.replace('-', '_')}"
+    cfg = {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(test)}},
+           "test_split": "test", "output_type": "multiple_choice", "num_fewshot": len(demos),
+           "fewshot_config": {"sampler": "first_n", "samples": shots},
+           "description": "Here are the answers for the problems in the exam.\n", "doc_to_text": AGIEVAL_TEXT,
+           "doc_to_choice": "{{letters}}", "doc_to_target": "answer", "metric_list": [{"metric": "acc"}]}
+    (out / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+    return name

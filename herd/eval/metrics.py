@@ -219,9 +219,9 @@ def bbh_extract(completion: str) -> str:
 
 
 def extract_letter(completion: str, letters: str) -> str:
-    """The chosen option of a generated multiple-choice answer: "answer is (X)" if present, else the first letter
-    standing alone."""
-    m = re.search(rf"answer is:?\s*\(?([{letters}])\b", completion, re.IGNORECASE)
+    """The chosen option of a generated multiple-choice answer: "answer is (X)" (or AGIEval's "answer is therefore
+    X") if present, else the first letter standing alone."""
+    m = re.search(rf"answer is:?\s*(?:therefore\s+)?\(?([{letters}])\b", completion, re.IGNORECASE)
     if m:
         return m.group(1).upper()
     m = re.search(rf"(?<![A-Za-z])\(?([{letters}])\)?(?![A-Za-z])", completion)

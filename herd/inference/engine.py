@@ -13,6 +13,15 @@ on an 8-slot engine computes 8 rows. ``batch_invariant=False`` decodes only rows
 are handed out lowest first), which is faster when lightly loaded; outputs then agree with a solo run only up to
 fp32 rounding (a greedy tie broken differently is possible, if rare).
 
+Fault isolation: one sequence's failure stays its own. A prompt whose prefill raises, a row whose logits are not
+finite (a NaN from the model), a draw or a decode that raises: that sequence finishes with ``finish_reason ==
+"error"`` (and ``error`` says why) and the others go on unchanged. Only a failed batched forward fails every
+running sequence (nothing can be attributed to one row there).
+
+A model whose vocabulary is padded beyond its tokenizer's (common in real checkpoints: embeddings rounded up to a
+multiple of 64 or 128) is served on the tokenizer's ids only: prompts with padding ids are refused, and the logits of
+the padding ids are dropped before anything is sampled or scored (as vLLM does), so they are never generated.
+
 Thread use: ``submit`` and ``Sequence.cancel`` may be called from any thread; ``step`` / ``loop`` from one thread.
 """
 
@@ -30,7 +39,14 @@ import torch
 from torch import Tensor
 
 from herd.errors import UserError
-from herd.inference.sampling import SamplingParams, TokenLogprob, apply_penalties, sample, token_logprobs
+from herd.inference.sampling import (
+    SamplingParams,
+    TokenLogprob,
+    apply_penalties,
+    generator_seed,
+    sample,
+    token_logprobs,
+)
 from herd.model.masks import decode_mask
 from herd.model.transformer import KVCache, Transformer
 from herd.tokenizer.tokenizer import StreamDecoder, Tokenizer
@@ -52,6 +68,7 @@ class Delta:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None  # "stop", "length", "cancelled", "error"
+    error: str | None = None  # with finish_reason "error": what failed (for the log; a server shows it as a 500)
 
 
 class Sequence:
@@ -68,13 +85,14 @@ class Sequence:
         self.prompt_logprobs: list[TokenLogprob] | None = None
         self.text = ""
         self.finish_reason: str | None = None
+        self.error: str | None = None  # why it finished with "error"
         self.cancelled = False
         self.slot: int | None = None
         self.length = 0  # tokens in this sequence's cache row
         self.last: int = 0  # the newest token, to be written to the cache by the next decode step
         self._decoder = StreamDecoder(tokenizer) if tokenizer is not None else None
         self._pending = ""  # decoded text held back because it may be the start of a stop string
-        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        seed = generator_seed(params.seed) if params.seed is not None else secrets.randbits(64)
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.counts: Tensor | None = None  # generated-token counts, only when a penalty needs them
 
@@ -124,6 +142,7 @@ class Engine:
 
     ``max_len`` is the cache length per sequence (prompt + new tokens), at most the model's ``max_seq_len``.
     ``max_waiting`` bounds the queue of sequences not yet admitted (``submit`` raises ``QueueFull`` beyond it).
+    ``vocab`` is the number of token ids served: the model's vocabulary, or the tokenizer's when that is smaller.
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None = None, max_batch: int = 8,
@@ -131,8 +150,13 @@ class Engine:
                  batch_invariant: bool = True):
         # The engine borrows the model: it never switches its mode or attaches state to it. The KV cache is the
         # engine's own and is passed to every forward, so the caller can sample from a policy it is training.
+        for name, value, least in (("max_batch", max_batch, 1), ("max_len", max_len, 1),
+                                   ("max_waiting", max_waiting, 0)):
+            if value is not None and (not isinstance(value, int) or value < least):
+                raise UserError(f"{name} must be an integer >= {least}, got {value}")
         self.model = model
         self.tokenizer = tokenizer
+        self.vocab = model.args.vocab_size if tokenizer is None else min(model.args.vocab_size, tokenizer.n_words)
         self.device = next(model.parameters()).device
         self.max_len = min(max_len or model.args.max_seq_len, model.args.max_seq_len)
         self.max_waiting = max_waiting
@@ -151,7 +175,7 @@ class Engine:
         params = params or SamplingParams()
         params.validate()
         prompt = list(prompt)
-        vocab = self.model.args.vocab_size
+        vocab = self.vocab
         if not prompt:
             raise UserError("the prompt is empty (it needs at least one token, e.g. BOS)")
         if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt):
@@ -191,10 +215,17 @@ class Engine:
                 return
             try:
                 self.step()
-            except Exception:  # never let one bad step kill the server: fail what was running, keep going
+            except Exception as e:  # never let one bad step kill the server: fail what was running, keep going
                 log.exception("generation step failed")
                 for seq in self.running:
-                    self._finish(seq, "error", Delta())
+                    self._fail(seq, f"the batched decode step failed: {type(e).__name__}: {e}")
+
+    def cancel_all(self) -> None:
+        """Cancel every waiting and running sequence (safe from any thread); each ends with "cancelled"."""
+        with self._wake:
+            for seq in [*self.waiting, *self.running]:
+                seq.cancel()
+            self._wake.notify_all()
 
     def wake(self) -> None:
         with self._wake:
@@ -212,19 +243,19 @@ class Engine:
         for seq in self.running:
             if seq.cancelled:
                 self._finish(seq, "cancelled", Delta())
-        admitted, cancelled = [], []
+        admitted = []
         with self._wake:
+            cancelled = [seq for seq in self.waiting if seq.cancelled]  # wherever they wait, not only at the head
+            if cancelled:
+                self.waiting = deque(seq for seq in self.waiting if not seq.cancelled)
             while self.waiting and None in self.slots:
                 seq = self.waiting.popleft()
-                if seq.cancelled:
-                    cancelled.append(seq)
-                    continue
                 seq.slot = self.slots.index(None)
                 self.slots[seq.slot] = seq
                 admitted.append(seq)
         for seq in cancelled:  # its consumer still hears that it ended
             self._finish(seq, "cancelled", Delta())
-        last_logits = [self._prefill(seq) for seq in admitted]
+        last_logits = [self._isolated(seq, self._prefill, seq) for seq in admitted]
         sampling = [(seq, lg) for seq, lg in zip(admitted, last_logits) if lg is not None]
         if sampling:
             self._accept([s for s, _ in sampling], torch.stack([lg for _, lg in sampling]))
@@ -233,6 +264,24 @@ class Engine:
         running = [s for s in self.running if not s.done]
         if running:
             self._decode(running)
+
+    def _isolated(self, seq: Sequence, fn: Callable, *args):
+        """``fn(*args)``; if it raises, only ``seq`` fails (finish reason "error"), and None is returned."""
+        try:
+            return fn(*args)
+        except Exception as e:
+            self._fail(seq, e)
+            return None
+
+    def _fail(self, seq: Sequence, e: BaseException | str) -> None:
+        if isinstance(e, BaseException):
+            log.error("sequence failed: %s", e, exc_info=e)
+            e = f"{type(e).__name__}: {e}"
+        else:
+            log.error("sequence failed: %s", e)
+        if not seq.done:
+            seq.error = e
+            self._finish(seq, "error", Delta(error=e))
 
     def _prefill(self, seq: Sequence) -> Tensor | None:
         """Write the prompt into the sequence's cache row; the logits of its last position (None when it asks for
@@ -246,7 +295,7 @@ class Engine:
                             last_only=not want_prompt)[0]
         seq.length = P
         if want_prompt:
-            seq.prompt_logprobs = token_logprobs(logits[:-1], tokens[0, 1:], seq.params.logprobs or 0)
+            seq.prompt_logprobs = token_logprobs(logits[:-1, : self.vocab], tokens[0, 1:], seq.params.logprobs or 0)
         if seq.params.max_new_tokens == 0:
             self._finish(seq, "length", Delta())
             return None
@@ -271,7 +320,33 @@ class Engine:
 
     def _accept(self, seqs: list[Sequence], logits: Tensor) -> None:
         """Sample the next token of every sequence in ``seqs`` from its row of ``logits [n, V]`` (one batched draw,
-        one host transfer), then report each."""
+        one host transfer), then report each. Logits of padding ids (beyond ``self.vocab``) are dropped first. A row
+        whose logits are not finite fails only its sequence; if the batched draw raises, each row is drawn alone so
+        that only the sequences that fail on their own fail."""
+        logits = logits[:, : self.vocab]
+        states = [s.generator.get_state() for s in seqs]  # a failed batched draw may have advanced some of them
+        try:
+            tokens, broken, logprobs = self._draw(seqs, logits)
+        except Exception:
+            log.exception("batched sampling failed; sampling each sequence alone")
+            tokens, broken, logprobs = [], [], {}
+            for i, seq in enumerate(seqs):
+                seq.generator.set_state(states[i])
+                one = self._isolated(seq, self._draw, [seq], logits[i: i + 1])
+                tokens.append(one[0][0] if one else 0)
+                broken.append(one[1][0] if one else False)
+                if one and 0 in one[2]:
+                    logprobs[i] = one[2][0]
+        for i, (seq, token, bad) in enumerate(zip(seqs, tokens, broken)):
+            if seq.done:  # failed while drawing alone
+                continue
+            if bad:
+                self._fail(seq, "the model produced non-finite logits (NaN or inf) for this sequence")
+                continue
+            self._isolated(seq, self._accept_one, seq, token, logprobs.get(i))
+
+    def _draw(self, seqs: list[Sequence], logits: Tensor) -> tuple[list[int], list[bool], dict[int, TokenLogprob]]:
+        """(token per row, whether the row's logits were broken, logprobs of the rows that asked for them)."""
         scores = logits
         if any(s.params.frequency_penalty or s.params.presence_penalty for s in seqs):
             scores = logits.float().clone()
@@ -284,6 +359,7 @@ class Engine:
         params = [s.params for s in seqs]
         tokens = sample(scores, [p.temperature for p in params], [p.top_p for p in params],
                         [p.top_k for p in params], [s.generator for s in seqs])
+        broken = torch.isnan(scores).any(dim=-1) | torch.isposinf(scores).any(dim=-1)
         scored = [i for i, p in enumerate(params) if p.logprobs is not None]
         logprobs: dict[int, TokenLogprob] = {}
         if scored:
@@ -293,8 +369,8 @@ class Engine:
             for i, lp in zip(scored, found):
                 lp.top = lp.top[: params[i].logprobs]
                 logprobs[i] = lp
-        for i, (seq, token) in enumerate(zip(seqs, tokens.tolist())):
-            self._accept_one(seq, token, logprobs.get(i))
+        tokens_and_broken = torch.stack([tokens, broken.long()]).tolist()  # the one host transfer
+        return tokens_and_broken[0], [bool(b) for b in tokens_and_broken[1]], logprobs
 
     def _accept_one(self, seq: Sequence, token: int, lp: TokenLogprob | None) -> None:
         p, delta = seq.params, Delta()

@@ -1,11 +1,18 @@
 """The OpenAI wire format: request validation into ``SamplingParams`` and response bodies, without any HTTP.
 
 Requests are validated by hand (not by pydantic models) so every error names the field the way the OpenAI API does
-(``{"error": {"message", "type", "param", "code"}}``) and the status is 400, never a 422 or a 500.
+(``{"error": {"message", "type", "param", "code"}}``) and the status is 400, never a 422 or a 500: a body that is
+not UTF-8 JSON, nested too deep, or holds a string with a lone UTF-16 surrogate (``"\\ud800"``, which no UTF-8
+text can hold) is refused before any field is read; NaN, infinities and out-of-range numbers are refused per field.
+
+Seeds follow vLLM: integers in [-2**63, 2**63 - 1]; the generator is seeded with a 64-bit hash of the whole
+integer (see ``sampling.generator_seed``), so seeds that differ only above bit 32 still sample differently on CPU.
 """
 
 from __future__ import annotations
 
+import json
+import re
 import time
 import uuid
 from typing import Any
@@ -15,6 +22,8 @@ from herd.inference.sampling import SamplingParams, TokenLogprob
 from herd.tokenizer.tokenizer import Tokenizer
 
 _MISSING = object()
+SEED_RANGE = (-(2**63), 2**63 - 1)  # vLLM's (a torch int64)
+_SURROGATE = re.compile("[\ud800-\udfff]")  # after JSON decoding, any surrogate left is a lone one
 
 
 class APIError(Exception):
@@ -29,6 +38,44 @@ class APIError(Exception):
                           **self.extra}}
 
 
+def parse_body(raw: bytes) -> dict:
+    """The JSON object of a request body, or an ``APIError`` (400) saying what is wrong with it."""
+    try:
+        body = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise APIError("the request body is not UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise APIError(f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise APIError("the request body is nested too deeply") from None
+    if not isinstance(body, dict):
+        raise APIError("the request body must be a JSON object")
+    bad = _lone_surrogate(body)
+    if bad is not None:
+        raise APIError(f"'{bad}' holds a lone UTF-16 surrogate (not valid Unicode text)", bad)
+    return body
+
+
+def _lone_surrogate(body: dict) -> str | None:
+    """The path (``messages[0].content``) of a string, key or value, holding a lone surrogate, or None. Iterative:
+    the depth is bounded only by what ``json.loads`` accepted."""
+    stack: list[tuple[str, Any]] = [("", body)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                return path
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                sub = f"{path}.{k}" if path else k
+                if _SURROGATE.search(k):
+                    return _SURROGATE.sub("\ufffd", sub)  # the report must itself be valid text
+                stack.append((sub, v))
+        elif isinstance(value, list):  # numbers are skipped without a path each: id lists can be millions long
+            stack.extend((f"{path}[{i}]", v) for i, v in enumerate(value) if isinstance(v, (str, list, dict)))
+    return None
+
+
 def field(body: dict, name: str, kind: type | tuple[type, ...], default: Any = _MISSING) -> Any:
     """``body[name]`` checked against ``kind`` (ints are accepted as floats; booleans are never numbers)."""
     if name not in body or body[name] is None:
@@ -38,7 +85,10 @@ def field(body: dict, name: str, kind: type | tuple[type, ...], default: Any = _
     value = body[name]
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if float in kinds and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            raise APIError(f"'{name}' is out of range", name) from None
     if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
         names = " or ".join(k.__name__ for k in kinds)
         raise APIError(f"'{name}' must be of type {names}, got {type(value).__name__}", name)
@@ -58,7 +108,7 @@ def sampling_params(body: dict, max_tokens: int, stop_ids: list[int], logprobs: 
         top_k=field(body, "top_k", int, 0),
         frequency_penalty=field(body, "frequency_penalty", float, 0.0),
         presence_penalty=field(body, "presence_penalty", float, 0.0),
-        seed=field(body, "seed", int, None),
+        seed=check_seed(field(body, "seed", int, None)),
         stop_ids=tuple(stop_ids),
         stop=tuple(stop),
         logprobs=logprobs,
@@ -70,11 +120,30 @@ def sampling_params(body: dict, max_tokens: int, stop_ids: list[int], logprobs: 
     return params
 
 
-def check_count(body: dict) -> int:
+def check_seed(seed: int | None) -> int | None:
+    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise APIError(f"'seed' must be in [-2**63, 2**63 - 1], got {seed}", "seed")
+    return seed
+
+
+def check_count(body: dict, prompts: int = 1, capacity: int | None = None) -> int:
+    """``n``, checked; with ``capacity`` (how many sequences the server can ever hold queued), a request asking for
+    more completions (prompts x n) than that is refused: it could never be admitted, so a 503 would be a lie."""
     n = field(body, "n", int, 1)
     if not 1 <= n <= 16:
         raise APIError(f"'n' must be in [1, 16], got {n}", "n")
+    if capacity is not None and prompts * n > capacity:
+        raise APIError(f"this request asks for {prompts * n} completions ({prompts} prompt(s) x n={n}); this server "
+                       f"queues at most {capacity} at once", "n" if n > 1 else "prompt")
     return n
+
+
+def prompt_count(body: dict) -> int:
+    """How many prompts ``prompt`` holds (before tokenising any): a string or a flat id list is one."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return len(prompt)
+    return 1
 
 
 def check_max_tokens(value: int | None, prompt_len: int, context: int, name: str) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import math
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
@@ -9,6 +11,11 @@ import torch
 from torch import Tensor
 
 from herd.errors import UserError
+
+# The smallest positive temperature accepted. Any value >= float32's smallest normal number would sample correctly
+# (the sampler divides max-subtracted logits, see ``sample``); a round floor is easier to document, and at 1e-6 the
+# draw is already greedy except between logits closer than ~1e-5.
+MIN_TEMPERATURE = 1e-6
 
 
 @dataclass
@@ -34,21 +41,32 @@ class SamplingParams:
     prompt_logprobs: bool = False
 
     def validate(self) -> None:
+        """Raise ``UserError`` naming the first bad field (its name starts the message). NaN and infinities are
+        rejected everywhere; a positive temperature must be at least ``MIN_TEMPERATURE``."""
         if self.max_new_tokens < 0:
             raise UserError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise UserError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
+        t = self.temperature
+        if not math.isfinite(t) or t < 0 or 0 < t < MIN_TEMPERATURE:
+            raise UserError(f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}, got {t}")
+        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
             raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
-            raise UserError(f"top_k must be >= 0, got {self.top_k}")
+            raise UserError(f"top_k must be >= 0 (0: no limit), got {self.top_k}")
         for name in ("frequency_penalty", "presence_penalty"):
-            if not -2 <= getattr(self, name) <= 2:
+            if not (math.isfinite(getattr(self, name)) and -2 <= getattr(self, name) <= 2):
                 raise UserError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise UserError(f"logprobs must be in [0, 20], got {self.logprobs}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise UserError("stop strings must be non-empty strings")
+
+
+def generator_seed(seed: int) -> int:
+    """The 64-bit seed of a sequence's ``torch.Generator``: a hash of the whole integer (any size or sign). Seeding
+    torch with the integer itself would keep only its low 32 bits on CPU (mt19937), so seeds 0 and 2**32 would draw
+    the same tokens; hashed, two seeds collide on CPU only with probability 2**-32."""
+    digest = hashlib.blake2b(str(int(seed)).encode(), digest_size=8, person=b"herd-seed").digest()
+    return int.from_bytes(digest, "little")
 
 
 def apply_penalties(logits: Tensor, counts: Tensor, frequency: float, presence: float) -> Tensor:
@@ -78,7 +96,8 @@ def sample(logits: Tensor, temperature: float | Seq[float] = 0.0, top_p: float |
     z = logits.float()
     probs = torch.softmax((z - z.max(dim=-1, keepdim=True).values) / t, dim=-1)
     sorted_probs, order = probs.sort(dim=-1, descending=True)
-    ks = torch.as_tensor(top_k, dtype=torch.long, device=dev).expand(B)[:, None]
+    ks = [top_k] * B if isinstance(top_k, int) else list(top_k)
+    ks = torch.tensor([min(k, V) for k in ks], dtype=torch.long, device=dev)[:, None]  # k >= V keeps all
     ps = torch.as_tensor(top_p, dtype=torch.float32, device=dev).expand(B)[:, None]
     ranks = torch.arange(V, device=dev)[None]
     preceding = sorted_probs.cumsum(dim=-1) - sorted_probs

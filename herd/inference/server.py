@@ -9,12 +9,20 @@ herd/safety/moderation.py.
 One engine thread runs decode steps; request handlers (asyncio) submit sequences and receive each step's ``Delta``
 through an ``asyncio.Queue``. A request whose client disconnects cancels its sequences, which frees their cache
 slots at the next step. On shutdown uvicorn stops accepting connections and waits for the open requests; the engine
-thread keeps stepping until they are drained, then stops.
+thread keeps stepping until they are drained (at most ``drain_timeout`` seconds: then what is left is cancelled),
+then stops.
+
+Failure behaviour (vLLM's bar): a client's mistake is a 4xx naming the field, never a 500, and never reaches the
+engine; one request's failure stays its own (the engine fails only the sequence that broke, see engine.py).
+With an API key every route but ``/health`` needs it (``/docs`` and ``/openapi.json`` included), compared in
+constant time. Bodies above ``max_body_bytes`` get 413 before they are read whole; parsing and tokenising run in
+worker threads, so ``/health`` answers while a large prompt is being tokenised.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import threading
@@ -25,6 +33,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from herd.inference import openai_protocol as api
 from herd.inference.engine import Delta, Engine, QueueFull, Sequence
@@ -34,17 +43,20 @@ from herd.tokenizer.chat import ChatFormat
 from herd.tokenizer.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+MAX_BODY_BYTES = 16 * 2**20  # 16 MiB: a 128k-token prompt as ids is ~1 MB of JSON
 
 
 class Server:
     """The state behind the routes: the engine, its thread, the tokenizer and chat format, the served name."""
 
     def __init__(self, engine: Engine, tokenizer: Tokenizer, model_name: str, stop_ids: list[int],
-                 api_key: str | None = None, moderator: Any = None):
+                 api_key: str | None = None, moderator: Any = None, max_body_bytes: int = MAX_BODY_BYTES,
+                 drain_timeout: float = 30.0):
         self.engine, self.tok, self.name, self.stop_ids = engine, tokenizer, model_name, stop_ids
         self.moderator = moderator  # herd.safety.moderation.Moderator, or None
         self.chat = ChatFormat(tokenizer)
         self.api_key = api_key
+        self.max_body_bytes, self.drain_timeout = max_body_bytes, drain_timeout
         self.context = engine.max_len
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -54,10 +66,15 @@ class Server:
         self._thread.start()
 
     def stop(self) -> None:
+        """Let the engine drain what was submitted, for at most ``drain_timeout`` seconds; then cancel the rest."""
         self._stop.set()
         self.engine.wake()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(timeout=self.drain_timeout)
+            if self._thread.is_alive():
+                log.warning("the engine did not drain in %ss: cancelling what is left", self.drain_timeout)
+                self.engine.cancel_all()
+                self._thread.join()
 
     # --- submitting and collecting ---
     def submit(self, prompts: list[list[int]], params: SamplingParams, n: int
@@ -94,8 +111,8 @@ class Server:
                     if await request.is_disconnected():
                         return
                     continue
-                if delta.finish_reason == "error":
-                    raise APIError("generation failed; see the server log", status=500, type="server_error")
+                if delta.finish_reason == "error":  # the engine failed this request's sequence, not the others
+                    raise APIError(f"generation failed: {delta.error}", status=500, type="server_error")
                 if delta.finish_reason is not None:
                     open_ -= 1
                 yield index, delta
@@ -110,36 +127,40 @@ def create_app(server: Server) -> FastAPI:
     async def lifespan(app: FastAPI):
         server.start()
         yield
-        server.stop()  # uvicorn has already waited for open requests: this drains anything left
+        # uvicorn has waited for the open requests (up to --drain-timeout) and cancelled the rest: a sequence still in
+        # the engine has no client left (a cancelled handler's cleanup may not have run yet), so it is cancelled here.
+        server.engine.cancel_all()
+        server.stop()
 
     app = FastAPI(title="herd", lifespan=lifespan)
+    if server.api_key is not None:
+        app.add_middleware(_RequireKey, key=server.api_key)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status)
+        return _error_response(e)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, e: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return JSONResponse(APIError(f"internal error: {type(e).__name__}", status=500, type="server_error").body(),
-                            status_code=500)
+        return _error_response(APIError(f"internal error: {type(e).__name__}", status=500, type="server_error"))
 
     async def read_body(request: Request, check_model: bool = True) -> dict:
-        if server.api_key is not None:
-            if request.headers.get("authorization", "") != f"Bearer {server.api_key}":
-                raise APIError("invalid or missing API key", status=401, type="authentication_error",
-                               code="invalid_api_key")
         if request.method == "GET":
             return {}
-        raw = await request.body()
-        try:
-            body = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            raise APIError("the request body is not UTF-8") from None
-        except json.JSONDecodeError as e:
-            raise APIError(f"the request body is not valid JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise APIError("the request body must be a JSON object")
+        limit = server.max_body_bytes
+        too_large = APIError(f"the request body is larger than this server's limit of {limit} bytes "
+                             "(herd serve --max-body-bytes)", status=413, code="request_too_large")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large
+        chunks, size = [], 0
+        async for chunk in request.stream():  # a chunked body has no length to check up front
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        body = await asyncio.to_thread(api.parse_body, b"".join(chunks))  # megabytes of JSON: off the event loop
         model = api.field(body, "model", str, server.name)
         if check_model and model != server.name:
             raise APIError(f"the model '{model}' does not exist (this server has '{server.name}')", "model",
@@ -194,7 +215,8 @@ def create_app(server: Server) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await read_body(request)
-        prompts = api.completion_prompts(body, server.tok, server.engine.model.args.vocab_size)
+        n = api.check_count(body, api.prompt_count(body), server.engine.max_waiting)  # before tokenising anything
+        prompts = await asyncio.to_thread(api.completion_prompts, body, server.tok, server.engine.vocab)
         for _, text in prompts:
             await check_prompt([{"role": "user", "content": text}])
         echo = api.field(body, "echo", bool, False)
@@ -204,7 +226,6 @@ def create_app(server: Server) -> FastAPI:
             api.check_max_tokens(max_tokens, len(ids), server.context, "max_tokens")
         params = api.sampling_params(body, max_tokens, server.stop_ids, logprobs)
         params.prompt_logprobs = echo and logprobs is not None
-        n = api.check_count(body)
         stream = api.field(body, "stream", bool, False)
         seqs, queue = server.submit([ids for ids, _ in prompts], params, n)
         texts = [text for _, text in prompts for _ in range(n)]
@@ -234,7 +255,7 @@ def create_app(server: Server) -> FastAPI:
                               "finish_reason": api.finish_reason(d.finish_reason)}
                     yield _sse(api.envelope("text_completion", rid, server.name, [choice]))
                 yield "data: [DONE]\n\n"
-            return StreamingResponse(sse(), media_type="text/event-stream")
+            return StreamingResponse(_until_error(sse()), media_type="text/event-stream")
         async for _ in server.events(request, seqs, queue):
             pass
         choices = [api.completion_choice(i, s, server.tok, texts[i] if echo else None) for i, s in enumerate(seqs)]
@@ -251,8 +272,9 @@ def create_app(server: Server) -> FastAPI:
     async def chat_completions(request: Request):
         body = await read_body(request)
         messages = api.chat_messages(body)
+        n = api.check_count(body, 1, server.engine.max_waiting)
         try:
-            prompt = server.chat.encode_dialog_prompt(messages)
+            prompt = await asyncio.to_thread(server.chat.encode_dialog_prompt, messages)
         except ValueError as e:
             raise APIError(str(e), "messages") from None
         await check_prompt(messages)  # before anything reaches the engine
@@ -262,8 +284,9 @@ def create_app(server: Server) -> FastAPI:
                                           "max_tokens" if "max_tokens" in body else "max_completion_tokens")
         want_lp = api.field(body, "logprobs", bool, False)
         top = api.field(body, "top_logprobs", int, 0)
+        if not 0 <= top <= 20:
+            raise APIError(f"'top_logprobs' must be in [0, 20], got {top}", "top_logprobs")
         params = api.sampling_params(body, max_tokens, server.stop_ids, top if want_lp else None)
-        n = api.check_count(body)
         stream = api.field(body, "stream", bool, False)
         options = api.field(body, "stream_options", dict, {})
         seqs, queue = server.submit([prompt], params, n)
@@ -298,7 +321,7 @@ def create_app(server: Server) -> FastAPI:
                     yield _sse(api.envelope("chat.completion.chunk", rid, server.name, [],
                                             usage=api.usage(len(prompt), sum(len(s.output) for s in seqs))))
                 yield "data: [DONE]\n\n"
-            return StreamingResponse(sse(), media_type="text/event-stream")
+            return StreamingResponse(_until_error(sse()), media_type="text/event-stream")
         async for _ in server.events(request, seqs, queue):
             pass
         choices = []
@@ -329,6 +352,43 @@ def create_app(server: Server) -> FastAPI:
         return {"id": api.new_id("modr"), "model": body.get("model") or "llama-guard-2", "results": results}
 
     return app
+
+
+class _RequireKey:
+    """Every route but ``/health`` needs ``Authorization: Bearer KEY`` (``/docs``, ``/openapi.json`` and unknown
+    paths included). ``hmac.compare_digest`` takes the same time wherever the first wrong byte is."""
+
+    def __init__(self, app: ASGIApp, key: str):
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] != "/health":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                response = _error_response(APIError("invalid or missing API key", status=401,
+                                                    type="authentication_error", code="invalid_api_key"))
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+class _AsciiJSON(JSONResponse):
+    def render(self, content: Any) -> bytes:  # escaped: an error quoting client text can never fail to encode
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
+def _error_response(e: APIError) -> JSONResponse:
+    return _AsciiJSON(e.body(), status_code=e.status)
+
+
+async def _until_error(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """A stream whose generation fails after the 200 was sent ends with an error event and ``[DONE]`` (as vLLM's
+    do), rather than a connection cut mid-stream."""
+    try:
+        async for event in events:
+            yield event
+    except APIError as e:
+        yield _sse(e.body())
+        yield "data: [DONE]\n\n"
 
 
 def _sse(obj: dict) -> str:

@@ -8,6 +8,8 @@ that every shipped Llama 3.x model is described by data alone.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +46,21 @@ class ModelArgs:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise UserError(f"ModelArgs.{name} must be a positive integer, got {value!r}")
+        for name in ("head_dim", "ffn_hidden_dim", "rope_original_max_seq_len"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise UserError(f"ModelArgs.{name} must be a positive integer, got {value!r}")
+        for name in ("norm_eps", "rope_theta", "ffn_dim_multiplier", "rope_scaling_factor", "rope_low_freq_factor",
+                     "rope_high_freq_factor"):
+            value = getattr(self, name)
+            if value is None and name == "ffn_dim_multiplier":
+                continue
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not (math.isfinite(value)
+                                                                                     and value > 0):
+                raise UserError(f"ModelArgs.{name} must be a positive number, got {value!r}")
+        for name in ("use_scaled_rope", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"ModelArgs.{name} must be true or false, got {getattr(self, name)!r}")
         if self.n_heads % self.n_kv_heads != 0:
             raise UserError(f"ModelArgs: n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         if self.head_dim is None and self.dim % self.n_heads != 0:
@@ -76,7 +93,10 @@ class ModelArgs:
 
     @classmethod
     def from_params(cls, params: dict[str, Any], source: str = "params.json") -> ModelArgs:
-        """Build from a Meta ``params.json`` dict (tolerates the nested ``{"model": {...}}`` form)."""
+        """Build from a Meta ``params.json`` dict (tolerates the nested ``{"model": {...}}`` form); errors name
+        ``source`` and the key."""
+        if not isinstance(params, dict):
+            raise UserError(f"{source}: expected a JSON object of model settings, got a {type(params).__name__}")
         if "model" in params and isinstance(params["model"], dict):
             params = params["model"]
         known = {f.name for f in dataclasses.fields(cls)}
@@ -88,7 +108,11 @@ class ModelArgs:
         kwargs = {k: v for k, v in params.items() if k in known}
         if "dim" not in kwargs or "n_layers" not in kwargs or "n_heads" not in kwargs:
             raise UserError(f"{source}: needs at least 'dim', 'n_layers' and 'n_heads'")
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except UserError as e:  # "ModelArgs.n_heads must be ..." -> "params.json: 'n_heads' must be ..."
+            message = re.sub(r"ModelArgs[.]([a-z_]+)", r"'\1'", str(e))
+            raise UserError(f"{source}: {message}") from None
 
     def to_params(self) -> dict[str, Any]:
         """Meta ``params.json`` content: exactly the keys Meta writes for this generation, so Meta's own loaders

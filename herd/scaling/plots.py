@@ -31,8 +31,10 @@ def _save(plt, fig, axes, path: str | Path) -> Path:
     for ax in axes:
         ax.grid(alpha=0.3, which="both")
         for axis, scale in ((ax.xaxis, ax.get_xscale()), (ax.yaxis, ax.get_yscale())):
-            if scale == "log":  # labels at 1, 2, 5 x 10^k: readable on axes spanning less than a decade too
-                axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            if scale == "log":  # labels at 1, 2, 5 x 10^k; 1, 1.5, 2, 3, 5, 7 x 10^k on axes spanning under a decade
+                lo, hi = sorted(axis.get_view_interval())
+                narrow = lo > 0 and hi / lo < 10
+                axis.set_major_locator(LogLocator(subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0) if narrow else (1.0, 2.0, 5.0)))
                 axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
                 axis.set_minor_formatter(NullFormatter())
     fig.tight_layout()

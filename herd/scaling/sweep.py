@@ -25,17 +25,21 @@ import copy
 import dataclasses
 import json
 import math
+import os
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from herd.config import ConfigError, PretrainConfig, load_config, to_toml
+from herd.errors import UserError
 from herd.io import atomic_write_json, atomic_write_text
 
 
 @dataclass
 class ScalingConfig:
-    budgets: str = "1.6e12,2.4e12,3.2e12"  # training FLOPs per isoFLOP profile, comma-separated
+    budgets: str = "1.4e12,2.1e12,2.8e12"  # training FLOPs per isoFLOP profile, comma-separated
     depths: str = "1,2,3,4,5,6,7,8"  # n_layers of the family's members
     aspect_ratio: int = 16  # dim = aspect_ratio * n_layers
     head_dim: int = 16  # n_heads = dim / head_dim
@@ -44,6 +48,7 @@ class ScalingConfig:
     warmup_fraction: float = 0.05  # warmup steps = this x the run's steps (a fixed count would not fit every run)
     min_steps: int = 50  # a point with fewer optimizer steps is an error: its loss would say little
     tasks: str = ""  # comma-separated JSONL multiple-choice files, scored after each run (herd.scaling.tasks)
+    jobs: int = 1  # points trained at once, each in its own `herd pretrain` process with cores / jobs threads
 
 
 @dataclass
@@ -177,19 +182,21 @@ def run_sweep(cfg: SweepConfig, out: str | Path, progress: bool = True) -> list[
         if p.D > shards.manifest["n_tokens"]:
             print(f"  warning: {p.name} trains on {p.D / shards.manifest['n_tokens']:.1f} epochs of the corpus: "
                   "repeated data bends the laws")
-    rows = []
-    t0 = time.perf_counter()
-    for i, p in enumerate(points, 1):
-        run_dir = out / "runs" / p.name
-        record_path = run_dir / "point.json"
+    if cfg.scaling.jobs < 1:
+        raise ConfigError(f"scaling.jobs must be at least 1, got {cfg.scaling.jobs}")
+    rows: dict[int, dict] = {}
+    todo = []
+    for i, p in enumerate(points):
+        record_path = out / "runs" / p.name / "point.json"
         if record_path.exists():
-            rows.append(json.loads(record_path.read_text()))
-            print(f"[{i}/{len(points)}] {p.name}: done already, loss {rows[-1]['loss']:.4f}")
-            continue
-        pc = point_config(cfg, p)
-        pc.log.progress = progress and pc.log.progress
-        t_point = time.perf_counter()
-        pretrain(pc, run_dir)
+            rows[i] = json.loads(record_path.read_text())
+            print(f"[{i + 1}/{len(points)}] {p.name}: done already, loss {rows[i]['loss']:.4f}")
+        else:
+            todo.append(i)
+    t0 = time.perf_counter()
+
+    def finish(i: int, seconds: float) -> None:
+        p, run_dir = points[i], out / "runs" / points[i].name
         val = [r["val_loss"] for r in read_metrics(run_dir) if r.get("val_loss") is not None]
         if not val:
             raise ConfigError(f"{run_dir}: no validation loss was logged (data.val_fraction and train.val_batches "
@@ -199,7 +206,7 @@ def run_sweep(cfg: SweepConfig, out: str | Path, progress: bool = True) -> list[
             raise RuntimeError(f"{run_dir}: planned N = {p.N:,} but the trained model has {trained:,}")
         row = {"name": p.name, "N": p.N, "D": p.D, "C": p.C, "budget": p.budget, "loss": val[-1],
                "n_layers": p.n_layers, "dim": p.dim, "n_heads": p.n_heads, "steps": p.steps,
-               "train_seconds": round(time.perf_counter() - t_point, 1)}
+               "train_seconds": round(seconds, 1)}
         if tasks:
             model = herd.load_model(run_dir / "model").eval()
             tokenizer = herd.Tokenizer(run_dir / "model")
@@ -207,14 +214,55 @@ def run_sweep(cfg: SweepConfig, out: str | Path, progress: bool = True) -> list[
                 scores = score_task(model, tokenizer, items)
                 row.update({f"nll/{name}": scores["nll"], f"acc/{name}": scores["acc"],
                             f"chance/{name}": scores["chance"]})
-        atomic_write_json(record_path, row)
-        rows.append(row)
-        _write_points(out, rows)
+        atomic_write_json(run_dir / "point.json", row)
+        rows[i] = row
+        _write_points(out, [rows[k] for k in sorted(rows)])
         extra = "".join(f", {k} {v:.3f}" for k, v in row.items() if k.startswith(("nll/", "acc/")))
-        print(f"[{i}/{len(points)}] {p.name}: loss {row['loss']:.4f}{extra} ({row['train_seconds']:.0f} s; "
+        print(f"[{i + 1}/{len(points)}] {p.name}: loss {row['loss']:.4f}{extra} ({row['train_seconds']:.0f} s; "
               f"sweep {time.perf_counter() - t0:.0f} s)", flush=True)
+
+    configs = {}
+    for i in todo:
+        configs[i] = point_config(cfg, points[i])
+        configs[i].log.progress = progress and configs[i].log.progress and cfg.scaling.jobs == 1
+    if cfg.scaling.jobs == 1:
+        for i in todo:
+            t_point = time.perf_counter()
+            pretrain(configs[i], out / "runs" / points[i].name)
+            finish(i, time.perf_counter() - t_point)
+    else:
+        # Tiny models do not use two cores well; separate processes, one per point, do. Each is an ordinary
+        # `herd pretrain` of the point's config, its output in the run directory's train.log.
+        from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+        threads = max(1, (os.cpu_count() or 1) // cfg.scaling.jobs)
+        with ThreadPoolExecutor(cfg.scaling.jobs) as pool:
+            running = {pool.submit(_train_in_process, configs[i], out / "runs" / points[i].name, threads): i
+                       for i in todo}
+            while running:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    finish(running.pop(future), future.result())
+    rows = [rows[k] for k in sorted(rows)]
     _write_points(out, rows)
     return rows
+
+
+def _train_in_process(cfg: PretrainConfig, run_dir: Path, threads: int) -> float:
+    """Train one point with ``python -m herd pretrain`` in a child process; its wall time in seconds."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / "config.toml"  # the same file the trainer writes there
+    atomic_write_text(config_path, to_toml(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    t = time.perf_counter()
+    with open(run_dir / "train.log", "ab") as log:
+        done = subprocess.run([sys.executable, "-m", "herd", "pretrain", "--config", str(config_path),
+                               "--run-dir", str(run_dir)], stdout=log, stderr=subprocess.STDOUT, env=env)
+    if done.returncode != 0:
+        tail = (run_dir / "train.log").read_text(errors="replace").strip().splitlines()[-1:]
+        raise UserError(f"{run_dir}: herd pretrain exited {done.returncode}: {tail[0] if tail else ''} "
+                        f"(see {run_dir / 'train.log'})")
+    return time.perf_counter() - t
 
 
 def _write_points(out: Path, rows: list[dict]) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from herd.data.readers import expand_inputs, iter_documents
+from herd.data.readers import expand_inputs
 from herd.errors import UserError
 from herd.tokenizer.tokenizer import PATTERN, Tokenizer, hf_to_bytes
 
@@ -39,8 +39,11 @@ def train_bpe(inputs: Iterable[str | Path], vocab_size: int, min_frequency: int 
     from tokenizers.models import BPE
     from tokenizers.trainers import BpeTrainer
 
+    from herd.data.shards import documents  # (herd.data imports the tokenizer: imported here, not at the top)
+
     if vocab_size < 256:
         raise UserError(f"--vocab-size must be at least 256 (one token per byte), got {vocab_size}")
+    inputs = list(inputs)
     files = expand_inputs(inputs)
     hf = HFTokenizer(BPE())
     hf.pre_tokenizer = pre_tokenizers.Sequence([
@@ -49,15 +52,16 @@ def train_bpe(inputs: Iterable[str | Path], vocab_size: int, min_frequency: int 
     ])
     trainer = BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=progress,
                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
-    hf.train_from_iterator(_pieces(iter_documents(files), progress), trainer=trainer)
+    hf.train_from_iterator(_pieces(documents(inputs, files), progress), trainer=trainer)
     ranks = {hf_to_bytes(token): rank for token, rank in hf.get_vocab().items()}
     return Tokenizer(ranks=ranks)
 
 
 def train_and_save(inputs: Iterable[str | Path], vocab_size: int, out: str | Path, progress: bool = True
                    ) -> Tokenizer:
-    from herd.io import atomic_directory
+    from herd.io import atomic_directory, check_new_output
 
+    check_new_output(out)  # before training, not after it
     tok = train_bpe(inputs, vocab_size, progress=progress)
     with atomic_directory(out) as tmp:
         tok.save(tmp)

@@ -158,7 +158,9 @@ class Trainer:
         self.sums: list[torch.Tensor] = []  # the raw loss sums of the step's micro-batches on this rank
 
         # Parameters stay fp32; bf16 comes from autocast (or FSDP's mixed-precision policy).
-        model = initial_model(cfg, args).to(device)
+        # A stage may build its own model (a reward model's scalar head, LoRA adapters): ``task.build_model``.
+        build = getattr(task, "build_model", None)
+        model = (build(cfg, args) if build is not None else initial_model(cfg, args)).to(device)
         self.pipeline: Pipeline | None = None
         if world.pp_size > 1:
             self.pipeline = build_pipeline(model, cfg, world, device, self._pipeline_loss,
@@ -168,7 +170,8 @@ class Trainer:
             prepare_for_training(model, tc, world, bf16=self.bf16)
         self.model = model
         self.optimizer = build_optimizer(model, tc)
-        self.params = list(dict.fromkeys(model.parameters()))
+        # Frozen parameters (LoRA's base weights) are neither optimised nor clipped.
+        self.params = [p for p in dict.fromkeys(model.parameters()) if p.requires_grad]
         self.ckpt_root = run_dir / "checkpoints"
         self.checkpointer = checkpointing.Checkpointer(self.ckpt_root, cfg.checkpoint.keep, world,
                                                        cfg.checkpoint.async_save)
@@ -184,10 +187,19 @@ class Trainer:
 
     # --- resume -------------------------------------------------------------------------------------------------------
     def restore(self, path: Path) -> dict:
-        state = checkpointing.load_checkpoint(path, self.model, self.optimizer, rank=self.world.rank)
+        # newest_good_checkpoint has just verified it (on rank 0, for every rank)
+        state = checkpointing.load_checkpoint(path, self.model, self.optimizer, rank=self.world.rank, verify=False)
         self.task.train_data.load_state_dict(state["loader"])
         self.skip_positions.update(state.get("skip_windows", ()))
         return state
+
+    def newest_good_checkpoint(self) -> Path | None:
+        """The newest checkpoint that verifies against its checksums; rank 0 checks and renames bad ones aside,
+        then every rank takes the newest one left."""
+        if self.world.is_main:
+            checkpointing.newest_good_checkpoint(self.ckpt_root)
+        self.world.barrier()
+        return checkpointing.latest_checkpoint(self.ckpt_root)
 
     def fit(self, t_start: float) -> list[dict]:
         cfg, tc, world = self.cfg, self.cfg.train, self.world
@@ -195,7 +207,7 @@ class Trainer:
             checkpointing.remove_incomplete(self.ckpt_root)
         world.barrier()
         start_step, goodput = 0, Goodput()
-        latest = checkpointing.latest_checkpoint(self.ckpt_root)
+        latest = self.newest_good_checkpoint()
         if latest is not None:
             state = self.restore(latest)
             start_step = state["step"]
@@ -253,7 +265,7 @@ class Trainer:
                     raise SilentCorruptionError(f"step {step + 1}: {mismatch}; stopping")
             if (skipped is not None or mismatch) and tc.on_bad_step == "rollback":
                 self.checkpointer.wait()
-                latest = checkpointing.latest_checkpoint(self.ckpt_root)
+                latest = self.newest_good_checkpoint()
                 if latest is not None:
                     rollbacks += 1
                     if rollbacks > tc.max_bad_steps:
@@ -291,6 +303,8 @@ class Trainer:
                     is_last or (tc.val_interval and (step + 1) % tc.val_interval == 0)):
                 t_eval = time.perf_counter()
                 record["val_loss"] = self.evaluate()
+                if hasattr(self.task, "val_metrics"):  # e.g. the reward model's held-out pair accuracy
+                    record.update(self.task.val_metrics())
                 goodput.add("evaluation", time.perf_counter() - t_eval)
             record["goodput"] = goodput.effective
             if logger is not None:
@@ -313,7 +327,11 @@ class Trainer:
         if logger is not None:
             logger.close()
         if cfg.checkpoint.export_hf:
-            export_model(self.model, self.args, self.run_dir / "model", self.tokenizer, world)
+            export = getattr(self.task, "export", None)  # a stage's own layout (reward model, LoRA adapters)
+            if export is not None:
+                export(self.model, self.run_dir / "model", self.tokenizer, world)
+            else:
+                export_model(self.model, self.args, self.run_dir / "model", self.tokenizer, world)
         if world.is_main:
             where = f"; model in {self.run_dir / 'model'}" if cfg.checkpoint.export_hf else ""
             print(f"done: {tc.steps} steps in {time.perf_counter() - t_start:.1f} s{where}")
@@ -399,13 +417,12 @@ def _local_value(t: torch.Tensor) -> float:
 
 
 # --- export -----------------------------------------------------------------------------------------------------------
-def export_model(model: Transformer, args: ModelArgs, path: Path, tokenizer: Tokenizer, world: World) -> None:
-    """The trained model as an HF-layout directory, written by rank 0. FSDP / TP shards are gathered by DCP's full
-    state dict; under pipeline parallelism each stage's full weights travel to rank 0 from one pipeline only (the one
-    rank 0 is in), never from every data-parallel replica."""
+def full_state_dict(model: torch.nn.Module, world: World) -> dict[str, torch.Tensor]:
+    """The model's full (unsharded) state dict on rank 0, on the CPU; an empty dict on the other ranks. FSDP / TP
+    shards are gathered by DCP's full state dict; under pipeline parallelism each stage's full weights travel to rank 0
+    from one pipeline only (the one rank 0 is in), never from every data-parallel replica. Every rank must call it."""
     if not world.distributed:
-        save_model(model, path, tokenizer=tokenizer, overwrite=True)
-        return
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -420,6 +437,16 @@ def export_model(model: Transformer, args: ModelArgs, path: Path, tokenizer: Tok
             full = {k: v for part in parts for k, v in part.items()} if world.is_main else {}
         else:
             full = {}
+    return full if world.is_main else {}
+
+
+def export_model(model: Transformer, args: ModelArgs, path: Path, tokenizer: Tokenizer, world: World) -> None:
+    """The trained model as an HF-layout directory, written by rank 0 (``full_state_dict``); a stage with its own
+    layout defines ``task.export(model, path, tokenizer, world)`` instead."""
+    if not world.distributed:
+        save_model(model, path, tokenizer=tokenizer, overwrite=True)
+        return
+    full = full_state_dict(model, world)
     if world.is_main:
         plain = Transformer(args)
         plain.load_state_dict(full)

@@ -17,6 +17,8 @@
 Fault injection for tests (each fires once per process): ``HERD_FAULT=nan-at:N`` poisons step N's loss,
 ``HERD_FAULT=hang-at:N`` hangs step N, ``HERD_FAULT=kill-rankR-at:N`` kills rank R at step N (first attempt
 only), ``HERD_FAULT=corrupt-rankR-at:N`` flips a bit of one of rank R's parameters after step N (first attempt only).
+The checkpointer (``checkpointing.py``) reads two more: ``kill-in-save:N`` (SIGKILL while step N's checkpoint is
+written) and ``disk-full-in-save:N`` (step N's save fails with ENOSPC after DCP wrote its files).
 """
 
 from __future__ import annotations

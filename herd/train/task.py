@@ -47,6 +47,17 @@ class BatchSource(Protocol):
 
 
 class Task(Protocol):
+    """What the loop needs from a stage. Optional hooks, looked up with ``getattr`` (post-training uses them):
+
+    - ``build_model(cfg, args) -> nn.Module``: the model to train instead of ``loop.initial_model(cfg, args)`` (a
+      reward model's scalar head, LoRA adapters); parameters with ``requires_grad=False`` are not optimised.
+    - ``export(model, path, tokenizer, world)``: write the final model instead of ``loop.export_model`` (every rank
+      calls it; ``loop.full_state_dict`` gathers the weights on rank 0).
+    - ``val_metrics() -> dict``: extra fields for the metrics record after each validation pass (every rank calls it).
+
+    ``Batch.targets`` may be a stage's own object with ``.to(device)`` (DPO's labels and reference log-probs); such a
+    stage refuses pipeline parallelism, whose schedule splits tensors."""
+
     train_data: BatchSource
     val_data: BatchSource | None
 

@@ -1,5 +1,7 @@
 """AGIEval English (ruixiangcui/AGIEval v1 = v1.1 English): nine exams, few-shot with the repository's own prompts
-(``few_shot_prompts.csv``, 3-5 exemplars per exam), in the repository's few-shot layout::
+(``few_shot_prompts.csv``, 3-5 exemplars per exam), in the layout of the repository's loader
+(``src/dataset_loader.py``, setting ``few-shot``: ``combine_prompt`` without explanations, ``concat_prompt`` with
+``end_of_example="\\n"``, ``convert_few_shot``)::
 
     Here are the answers for the problems in the exam.
     Problem 1.   <passage> <question>
@@ -11,10 +13,15 @@
     Choose from the following options:    (A)... (B)...
     The answer is therefore
 
-Multiple-choice exams are scored by the likelihood of the letter after "The answer is therefore" (base models) or
-a generated letter (--chat); the cloze exam ``math`` generates the answer up to the end of the line and compares
-it by mathematical equivalence. ``sat-en-without-passage`` uses sat-en's exemplars without their passages, as the
-repository does. Reported: accuracy averaged over the exams (``acc``), and over items (``acc_micro``).
+The loader's prompt ends after the options line and the model writes "The answer is therefore X"; herd appends that
+cue (the one every exemplar ends with) so a base model is scored by the likelihood of the letter after it, `` A``,
+`` B``... (Meta's letter scoring). The loader also drops exemplars that would take the prompt past 2,048 GPT-4
+tokens; herd keeps them all (Meta: "3-5 shot").
+The cloze exam ``math`` generates the answer up to the end of the line and compares it by mathematical
+equivalence. ``sat-en-without-passage`` uses sat-en's exemplars without their passages, as the loader does.
+``--chat`` follows the loader's chat mode: each exemplar a user turn (the problem, without the cue) and an assistant
+turn ("The answer is therefore X"), then the problem as the last user turn; the letter (or the cloze answer) is read
+from the reply. Reported: accuracy averaged over the exams (``acc``), and over items (``acc_micro``).
 """
 
 from __future__ import annotations
@@ -40,17 +47,24 @@ MULTIPLE_CHOICE = ["lsat-ar", "lsat-lr", "lsat-rc", "logiqa-en", "sat-math", "sa
                    "aqua-rat"]
 CLOZE = ["math"]
 HEADER = "Here are the answers for the problems in the exam.\n"
+CUE = "The answer is therefore"
 
 
-def _problem(number: int, row: dict, with_passage: bool = True) -> str:
-    passage = (row.get("passage") or "") if with_passage else ""
+def problem(number: int, row: dict, with_passage: bool = True) -> str:
+    """The loader's ``question_input``: the numbered problem (and options), ending with a newline."""
     if row.get("options"):
+        passage = (row.get("passage") or "") if with_passage else ""
         return (f"Problem {number}.   {passage} {row['question']}\n"
-                f"Choose from the following options:    {' '.join(row['options'])}\nThe answer is therefore")
-    return f"Problem {number}.   {row['question']}\nThe answer is therefore"
+                f"Choose from the following options:    {' '.join(row['options'])}\n")
+    return f"Problem {number}.   {row['question']}\n"
 
 
-def _exemplars(data_dir: Path, exam: str) -> list[dict]:
+def answer_of(row: dict) -> str:
+    return str(row["label"] if row.get("options") else row["answer"])
+
+
+def exemplars(data_dir: Path, exam: str) -> list[dict]:
+    """The exam's few-shot rows of ``few_shot_prompts.csv`` (``sample 1``..``sample 5``, non-empty cells)."""
     path = data_dir / "agieval" / "data" / "few_shot_prompts.csv"
     rows = read_csv_rows(path)
     column = "sat-en" if exam == "sat-en-without-passage" else exam
@@ -67,41 +81,56 @@ def _exemplars(data_dir: Path, exam: str) -> list[dict]:
     return out
 
 
+def _chat_messages(demos: list[dict], row: dict, keep_passage: bool) -> list[dict]:
+    messages: list[dict] = []
+    for i, d in enumerate(demos):
+        messages += [{"role": "user", "content": problem(i + 1, d, keep_passage)},
+                     {"role": "assistant", "content": f"{CUE} {answer_of(d)}"}]
+    return messages + [{"role": "user", "content": problem(len(demos) + 1, row)}]
+
+
 def build(data_dir: Path, options: TaskOptions) -> TaskSpec:
-    questions, exemplars, cloze_items, shot_counts = [], {}, [], {}
+    questions, shots_by_exam, items, shot_counts = [], {}, [], {}
     for exam in MULTIPLE_CHOICE + CLOZE:
-        rows = read_jsonl(data_dir / "agieval" / "data" / "v1" / f"{exam}.jsonl")
-        demos = _exemplars(data_dir, exam)
+        path = data_dir / "agieval" / "data" / "v1" / f"{exam}.jsonl"
+        rows = read_jsonl(path)
+        demos = exemplars(data_dir, exam)
         k = len(demos) if options.num_fewshot is None else min(options.num_fewshot, len(demos))
-        keep_passage = exam != "sat-en-without-passage"
+        demos, keep_passage = demos[:k], exam != "sat-en-without-passage"
         shot_counts[exam] = k
-        if exam in CLOZE:
-            prefix = HEADER + "".join(f"{_problem(i + 1, d)} {d['answer']}\n\n" for i, d in enumerate(demos[:k]))
-            for i, row in enumerate(rows):
-                cloze_items.append(Item(f"{exam}/{i}", prefix + _problem(k + 1, row), str(row["answer"]), None, exam))
-            continue
-        exemplars[exam] = [Question(f"{exam}/shot{i}", _problem(i + 1, d, keep_passage), len(d["options"]),
-                                    d["label"], exam) for i, d in enumerate(demos[:k])]
         for i, row in enumerate(rows):
-            if not row.get("options") or row.get("label") not in "ABCDE" or not row.get("label"):
-                raise DataError(f"{data_dir / 'agieval' / 'data' / 'v1' / exam}.jsonl:{i + 1}: no options/label")
-            questions.append(Question(f"{exam}/{i}", _problem(k + 1, row), len(row["options"]), row["label"], exam))
-    spec = choice_task("agieval_en", take(questions, options.limit), exemplars, options,
-                       {"shots": shot_counts, "shot_source": "AGIEval few_shot_prompts.csv",
-                        "average": "macro over exams (acc)"}, header=lambda exam: HEADER)
+            if exam in MULTIPLE_CHOICE and (not row.get("options") or row.get("label") not in list("ABCDE")):
+                raise DataError(f"{path}:{i + 1}: no options/label")
+            if options.chat:
+                items.append(Item(f"{exam}/{i}", _chat_messages(demos, row, keep_passage), answer_of(row), None,
+                                  exam))
+            elif exam in CLOZE:
+                shots_text = "".join(f"{problem(j + 1, d)}{CUE} {d['answer']}\n\n" for j, d in enumerate(demos))
+                items.append(Item(f"{exam}/{i}", HEADER + shots_text + problem(k + 1, row) + CUE, str(row["answer"]),
+                                  None, exam))
+            else:
+                questions.append(Question(f"{exam}/{i}", problem(k + 1, row) + CUE, len(row["options"]),
+                                          row["label"], exam))
+        if not options.chat and exam in MULTIPLE_CHOICE:
+            shots_by_exam[exam] = [Question(f"{exam}/shot{j}", problem(j + 1, d, keep_passage) + CUE,
+                                            len(d["options"]), d["label"], exam) for j, d in enumerate(demos)]
+    settings = {"shots": shot_counts, "shot_source": "AGIEval few_shot_prompts.csv",
+                "prompt": "AGIEval loader few-shot layout", "average": "macro over exams (acc)"}
+    spec = choice_task("agieval_en", take(questions, options.limit), shots_by_exam, options, settings,
+                       header=lambda exam: HEADER)
     choice_score = spec.score
-    cloze = take(cloze_items, options.limit)
-    if options.chat:  # the cloze question as a user turn; the answer is read after "The answer is therefore"
-        cloze = [Item(c.id, [{"role": "user", "content": c.prompt}], c.gold, None, c.subset) for c in cloze]
 
     def score(item: Item, response) -> dict[str, float]:
         if item.subset in CLOZE:
-            answer = response[0].split("The answer is therefore")[-1].strip().split("\n")[0].strip()
+            answer = response[0].split(CUE)[-1].strip().split("\n")[0].strip()
             return {"acc": float(metrics.math_equal(answer, item.gold))}
+        if options.chat:
+            return {"acc": float(metrics.extract_letter(response[0], "ABCDE") == item.gold)}
         return choice_score(item, response)
 
-    spec.items += cloze
+    spec.items += take(items, options.limit)
     spec.score = score
-    spec.generation = Generation(max_new_tokens=64 if not options.chat else 512, stop=("\n",) if not options.chat
-                                 else ())
+    if options.chat:
+        spec.settings["answer"] = "generated (chat, the loader's chat mode)"
+    spec.generation = Generation(max_new_tokens=512, stop=()) if options.chat else Generation(64, stop=("\n",))
     return spec

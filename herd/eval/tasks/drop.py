@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 from pathlib import Path
 
 from herd.data.readers import DataError
@@ -71,9 +72,13 @@ def build(data_dir: Path, options: TaskOptions) -> TaskSpec:
         pool, shots_from = read_official(folder / "drop_dataset_train.json"), "train (Meta's setting)"
     else:
         pool, shots_from = dev, "dev (other passages) - deviates from Meta (train)"
+    per_passage = Counter(c["passage"] for c in pool)
     items = []
     for row in take([Item(r["id"], r["context"], r) for r in dev], options.limit):
         r = row.gold
+        if len(pool) - per_passage[r["passage"]] < k:
+            raise DataError(f"{folder}: {k} shots needed for question {r['id']}, but only "
+                            f"{len(pool) - per_passage[r['passage']]} questions about other passages to draw from")
         rng = random.Random(f"{options.seed}-{r['id']}")
         picked: list[dict] = []
         while len(picked) < k:  # rejection sampling: shots about other passages, no repeats

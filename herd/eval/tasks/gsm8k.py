@@ -1,7 +1,9 @@
 """GSM8K test (1,319), Meta's setting: the 8-shot chain-of-thought prompt of Wei et al. (the fixed exemplars that
 lm-eval's ``gsm8k_cot`` also uses), greedy, maj@1, up to 512 new tokens. ``exact_match`` reads the answer with the
 strict "The answer is N." rule, ``exact_match_flexible`` with the last number in the completion; with several
-samples per item, ``maj@n`` votes over the strict answers."""
+samples per item, ``maj@n`` is a plurality vote over the n normalised strict answers, as lm-eval's
+``majority_vote`` filter (``Counter.most_common``): an unreadable answer votes as "[invalid]", and a tie goes to the
+answer that appears first in sample order."""
 
 from __future__ import annotations
 

@@ -1,11 +1,12 @@
 """MATH test (5,000; or the MATH-500 subset as ``math500``), Meta's setting for Llama 3: the 4-shot Minerva prompt
 (Lewkowycz et al.; the same four worked problems lm-eval's ``minerva_math`` uses), greedy, maj@1. The answer after
 "Final Answer: The final answer is" (else the last \\boxed{}) is compared with the gold \\boxed{} answer by
-mathematical equivalence (math-verify)."""
+mathematical equivalence (math-verify). With several samples, ``maj@n`` votes over classes of equivalent answers
+(Minerva's majority voting: "1/2" and "\\frac{1}{2}" are one vote each for the same answer); unreadable answers do
+not vote, and a tie goes to the class whose first member appears first in sample order."""
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
 from herd.data.readers import DataError
@@ -47,6 +48,20 @@ EXEMPLARS = [
 ]
 
 
+def majority(answers: list[str]) -> str:
+    """The first answer of the largest class of equivalent answers (first-seen class on ties; INVALID if none)."""
+    classes: list[list[str]] = []
+    for answer in answers:
+        if answer == metrics.INVALID:
+            continue
+        home = next((c for c in classes if metrics.math_equal(answer, c[0])), None)
+        if home is None:
+            classes.append([answer])
+        else:
+            home.append(answer)
+    return max(classes, key=len)[0] if classes else metrics.INVALID  # max keeps the first of equal lengths
+
+
 def load(data_dir: Path, subset: str = "math") -> list[dict]:
     path = data_dir / "math" / ("test.jsonl.gz" if subset == "math" else "math500_test.jsonl")
     rows = read_jsonl(path)
@@ -69,8 +84,7 @@ def build(data_dir: Path, options: TaskOptions, subset: str = "math") -> TaskSpe
         answers = [metrics.minerva_extract(c) for c in completions]
         out = {"exact_match": float(metrics.math_equal(answers[0], item.gold))}
         if len(completions) > 1:
-            top = Counter(answers).most_common(1)[0][0]
-            out[f"maj@{len(completions)}"] = float(metrics.math_equal(top, item.gold))
+            out[f"maj@{len(completions)}"] = float(metrics.math_equal(majority(answers), item.gold))
         return out
 
     return TaskSpec(subset, take(items, options.limit), score,
