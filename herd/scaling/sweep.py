@@ -14,7 +14,9 @@ The config is a pretraining config (``[model] [data] [train] ...``, the settings
 
 Each point is a run directory ``DIR/runs/<name>`` made by ``herd.train.pretrain.pretrain`` (so ``herd plot`` and
 ``herd pretrain --config DIR/runs/<name>/config.toml`` work on it); a point whose ``point.json`` exists is skipped
-on rerun, an interrupted one resumes from its checkpoint. ``DIR/points.jsonl`` lists the finished points:
+on rerun, an interrupted one resumes from its checkpoint. ``scaling.jobs`` > 1 trains that many points at once,
+each in its own ``herd pretrain`` process with cores / jobs threads (tiny models leave a core idle otherwise).
+``DIR/points.jsonl`` lists the finished points:
 N, D, C, budget, loss (final validation loss, nats/token) and, per configured task, ``nll/TASK``, ``acc/TASK``,
 ``chance/TASK``.
 """
