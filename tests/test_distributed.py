@@ -176,7 +176,8 @@ def test_layout_errors_name_the_field(monkeypatch):
     assert "pp_schedule must be one of gpipe, 1f1b, interleaved" in error(2, "--parallel.pp=2",
                                                                           "--parallel.pp_schedule=zigzag")
     assert "set train.grad_accum=1" in error(2, "--parallel.pp=2", "--train.grad_accum=2")
-    assert "train.grad_accum must be >= 1, got 0" in error(1, "--train.grad_accum=0")
+    with pytest.raises(ConfigError, match=r"train.grad_accum=0 is out of range: allowed >= 1"):
+        load_config(None, ["--train.grad_accum=0"])  # the config's own range check, before any layout
     assert "over train.grad_accum=3 micro-batches" in error(1, "--train.grad_accum=3")
     assert "pp_microbatches=3 does not divide the per-rank batch of 4" in error(
         2, "--parallel.pp=2", "--parallel.pp_microbatches=3")

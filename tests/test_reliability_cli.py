@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -17,6 +18,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -293,20 +295,27 @@ def test_stale_temporaries_of_dead_processes_are_removed(capsys, model_dir, tmp_
 def test_killed_tokenize_leaves_no_temporary_and_no_traceback(small_tokenizer, tmp_path):
     _, tok_dir = small_tokenizer
     corpus = tmp_path / "docs.jsonl"
-    corpus.write_text("\n".join(json.dumps({"text": f"document {i} " + "word " * 200}) for i in range(20000)))
+    corpus.write_text("\n".join(json.dumps({"text": f"document {i} " + "word " * 200}) for i in range(30000)))
     out = tmp_path / "shards"
     for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 128 + signal.SIGTERM)):
         p = subprocess.Popen([sys.executable, "-m", "herd", "data", "tokenize", "--input", str(corpus), "--tokenizer",
                               str(tok_dir), "--out", str(out), "--workers", "2"], env=ENV, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+        # Kill once the workers are encoding (the progress bar has counted a document). Until the pool has started,
+        # the parent holds SIGINT ignored so that the workers inherit it: a Ctrl-C in that window is not seen, and
+        # the run completes normally instead.
+        chunks: list[str] = []
+        reader = threading.Thread(target=lambda out, f: out.extend(iter(lambda: f.read(1), "")),
+                                  args=(chunks, p.stderr), daemon=True)
+        reader.start()
         deadline = time.time() + 120
-        while time.time() < deadline and p.poll() is None and not any(
-                q.name.startswith(".shards.") for q in tmp_path.iterdir()):
-            time.sleep(0.1)
-        time.sleep(1.0)  # the workers are starting or encoding
-        assert p.poll() is None, p.communicate()
+        while time.time() < deadline and p.poll() is None and not re.search(r"tokenizing: [1-9]\d*doc", "".join(chunks)):
+            time.sleep(0.05)
+        assert p.poll() is None, "".join(chunks)
         os.killpg(p.pid, sig)  # as Ctrl-C / a job scheduler does: the whole process group
-        _, err = p.communicate(timeout=60)
+        p.wait(timeout=60)
+        reader.join(timeout=10)
+        err = "".join(chunks)
         assert p.returncode in (code, -sig), (sig, p.returncode, err)
         assert "Traceback" not in err and "BrokenPipe" not in err, err
         assert [q.name for q in tmp_path.iterdir() if q.name.startswith(".shards")] == [], sig
