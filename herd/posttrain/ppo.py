@@ -229,7 +229,8 @@ class RolloutSource:
         self.next_batch(1)
 
     def rewind(self) -> None:
-        raise NotImplementedError("PPO has no validation data")
+        # The loop rewinds only validation sources; rollouts are made fresh from the current policy, never replayed.
+        raise RuntimeError("a PPO rollout source is never rewound (PPO has no validation data)")
 
     def state_dict(self) -> dict:
         return {"steps": self.steps, "rollouts": self.rollouts, "buffer": self.buffer, "order": self.order}
