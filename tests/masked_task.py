@@ -90,6 +90,7 @@ def main(argv: list[str]) -> None:
     device = resolve_device(cfg.train.device)
     args = model_args_for(cfg, tokenizer.n_words)
     world = init_world(cfg, args, device)
+    finished = False
     try:
         task = masked_task(cfg, shards, world)
         trainer = Trainer(cfg, Path(a.run_dir), task, tokenizer, args, world, device, "masked")
@@ -97,8 +98,9 @@ def main(argv: list[str]) -> None:
         grads = full_grads(trainer.model)
         if world.is_main:
             torch.save({"loss": loss, "trained": trained, "grads": grads}, a.dump_grads)
+        finished = True
     finally:
-        world.close()
+        world.close(finished)
 
 
 if __name__ == "__main__":

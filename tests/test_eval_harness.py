@@ -3,6 +3,7 @@
 and bad input (unknown task, missing data, model without tokenizer, failing endpoint)."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -151,15 +152,14 @@ def test_sigkill_then_rerun_finishes_with_the_results_of_an_uninterrupted_run(mo
     cmd = [sys.executable, "-m", "herd", "eval", "--model", str(model_dir), "--tasks", "gsm8k", "--out", str(out),
            "--data-dir", str(DATA), "--limit", "12", "--num-fewshot", "1", "--max-new-tokens", "24", "--quiet",
            "--batch-size", "2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # killed as by SIGKILL (the OOM killer, a preempted node) once 4 items are on disk: injected, so that the kill
+    # lands mid-run however fast the machine is
+    killed = subprocess.run(cmd, env={**os.environ, "HERD_FAULT": "kill-after-items:4"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     partial = out.with_name("r.json.partial.jsonl")
-    deadline = time.time() + 240
-    while time.time() < deadline and (not partial.exists() or len(partial.read_text().splitlines()) < 4):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
     done_before = len(partial.read_text().splitlines()) - 1
-    assert 3 <= done_before < 12 and not out.exists()
+    assert 4 <= done_before < 12 and not out.exists()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert json.loads(out.read_text())["results"]["gsm8k"]["n"] == 12
     # the uninterrupted run gives the same per-item answers (greedy: the completions do not depend on batching)

@@ -23,22 +23,20 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from herd.data.executors import WorkerProcesses
 from herd.data.readers import DataError, expand_inputs, iter_documents
 from herd.io import atomic_directory, atomic_write_json, read_json
 from herd.tokenizer import Tokenizer
 
 FORMAT = "herd-token-shards-v1"
 MANIFEST = "manifest.json"
+DOCS_PER_BATCH = 32  # documents a worker encodes per message: amortises the pipe round trip
 
 _worker_tok: Tokenizer | None = None
 
 
 def _init_worker(tokenizer_path: str) -> None:
     global _worker_tok
-    # Ctrl-C reaches the whole process group: the parent stops the pool; a worker that handled it too would print a
-    # KeyboardInterrupt (then BrokenPipe) traceback of its own. (The pool is started with SIGINT ignored, which the
-    # workers inherit before Python starts; this keeps it so should anything reinstall a handler.)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _worker_tok = Tokenizer(tokenizer_path)
 
 
@@ -53,21 +51,9 @@ def documents(inputs: Iterable[str | Path], files: list[Path]) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def _sigint_ignored() -> Iterator[None]:
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-@contextlib.contextmanager
 def terminate_as_exit() -> Iterator[None]:
-    """Turn SIGTERM into ``SystemExit(143)`` while a worker pool runs, so that the pool is stopped and the temporary
-    output removed on the way out, instead of the parent vanishing under workers that then fail writing to it."""
+    """Turn SIGTERM into ``SystemExit(143)`` while workers run, so that they are stopped and the temporary output
+    removed on the way out, instead of the parent vanishing under workers that then fail writing to it."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -82,8 +68,19 @@ def terminate_as_exit() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _encode(doc: str) -> np.ndarray:
-    return np.asarray(_worker_tok.encode(doc, bos=True, eos=True), dtype=np.uint32)
+def _encode_batch(docs: list[str]) -> list[np.ndarray]:
+    return [np.asarray(_worker_tok.encode(doc, bos=True, eos=True), dtype=np.uint32) for doc in docs]
+
+
+def _batches(docs: Iterable[str], size: int) -> Iterator[list[str]]:
+    batch = []
+    for doc in docs:
+        batch.append(doc)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def tokenize_to_shards(inputs: Iterable[str | Path], tokenizer_path: str | Path, out: str | Path,
@@ -109,19 +106,18 @@ def tokenize_to_shards(inputs: Iterable[str | Path], tokenizer_path: str | Path,
             buf, offsets = [], [0]
 
         bar = tqdm(desc="tokenizing", unit="doc", disable=not progress)
-        ctx = mp.get_context("spawn")  # fork is unsafe with threads (tiktoken, torch) already running
-        with _sigint_ignored():  # inherited by the workers from their first instruction (see _init_worker)
-            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(str(tok_file),))
-        with pool:
-            for ids in pool.imap(_encode, documents(inputs, files), chunksize=16):
-                buf.append(ids)
-                offsets.append(offsets[-1] + len(ids))
-                n_tokens += len(ids)
-                n_docs += 1
-                bar.update(1)
+        # spawn: fork is unsafe with threads (tiktoken, torch) already running
+        with WorkerProcesses(workers, "spawn", _init_worker, (str(tok_file),)) as pool:
+            for batch in pool.imap(_encode_batch, _batches(documents(inputs, files), DOCS_PER_BATCH)):
+                for ids in batch:
+                    buf.append(ids)
+                    offsets.append(offsets[-1] + len(ids))
+                    n_tokens += len(ids)
+                    n_docs += 1
+                    if offsets[-1] >= shard_tokens:
+                        flush()
+                bar.update(len(batch))
                 bar.set_postfix(tokens=f"{n_tokens:,}", refresh=False)
-                if offsets[-1] >= shard_tokens:
-                    flush()
         flush()
         bar.close()
         tok.save(tmp)

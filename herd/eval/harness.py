@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
 import time
 from collections import defaultdict
@@ -87,6 +88,10 @@ class ProgressFile:
             self.file.write(json.dumps(rec) + "\n")
         self.file.flush()
         os.fsync(self.file.fileno())
+        # fault injection for tests: ``HERD_FAULT=kill-after-items:N`` dies (SIGKILL) once N items are on disk
+        if os.environ.get("HERD_FAULT", "").startswith("kill-after-items:"):
+            if len(self.done) >= int(os.environ["HERD_FAULT"].split(":")[1]):
+                os.kill(os.getpid(), signal.SIGKILL)
 
     def close(self, remove: bool = False) -> None:
         self.file.close()

@@ -131,12 +131,15 @@ def train(cfg: PretrainConfig, run_dir: str | Path, make_task: Callable[[World],
     device = resolve_device(cfg.train.device)
     args = model_args_for(cfg, tokenizer.n_words)
     world = init_world(cfg, args, device)  # checks the layout first; a process group only under torchrun
+    finished = False
     try:
         task = make_task(world)  # data sources read their data-parallel share
         run_dir.mkdir(parents=True, exist_ok=True)
-        return Trainer(cfg, run_dir, task, tokenizer, args, world, device, name).fit(t_start)
+        records = Trainer(cfg, run_dir, task, tokenizer, args, world, device, name).fit(t_start)
+        finished = True
+        return records
     finally:
-        world.close()
+        world.close(finished)
 
 
 class Trainer:

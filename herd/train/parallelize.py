@@ -105,8 +105,13 @@ class World:
         mine = self.is_last_stage and self.coord("tp") == 0
         return self._all_reduce_sum(value if mine else 0.0, torch.float64)
 
-    def close(self) -> None:
+    def close(self, finished: bool = True) -> None:
+        """Tear down the process group. After a run that ``finished`` on every rank, wait for all ranks first: gloo
+        torn down on one rank while a peer's connection is still busy can abort that peer ("terminate called without
+        an active exception"). After a failure the barrier is skipped, since a failed peer would never reach it."""
         if self.distributed and dist.is_initialized():
+            if finished:
+                dist.barrier()
             dist.destroy_process_group()
 
 
