@@ -226,3 +226,33 @@ def test_shipped_configs_load(name):
         assert (cfg.dpo.beta, cfg.dpo.nll_coef, cfg.dpo.mask_formatting_tokens) == (0.1, 0.2, True)
     if name.endswith("8b"):
         assert cfg.train.lr == 1e-5 and cfg.train.dtype == "bf16"
+
+
+def test_packed_rows_split_one_dialog_per_row_train_identically(small_tokenizer):
+    """SFT on CPU lays a packed batch out one dialog per row (``collate_rows(split=True)``): with document masks and
+    per-document positions that is the same computation, so loss and gradients equal the packed layout's (1e-5: the
+    same sums in another order, attention with and without padding)."""
+    from herd.posttrain.sft import collate_rows, pack
+    from herd.train.task import LanguageModelTask
+
+    tok, _ = small_tokenizer
+    chat = ChatFormat(tok)
+    examples = []
+    for messages in arithmetic_dialogs(12, seed=3, multi_turn=True):
+        ids, labels = encode_dialog(chat, messages)
+        examples.append((ids[:-1], labels[1:]))
+    rows = pack([len(x) for x, _ in examples], 250, seed=0)
+    assert any(len(r) > 1 for r in rows)  # the test needs rows with several dialogs
+    task = LanguageModelTask(None, document_masking=True, per_document_positions=True)
+    results = []
+    for split in (False, True):
+        batch = collate_rows(rows, examples, tok.eos_id, 250, split=split)
+        assert (batch.doc_ids is None) == split
+        model = small_model(tok.n_words, seed=5)
+        total, count = task.loss(model(batch.inputs, **task.model_inputs(batch, torch.device("cpu"))), batch.targets)
+        (total / count).backward()
+        results.append((total.item(), int(count), {n: p.grad for n, p in model.named_parameters()}))
+    (packed_sum, packed_n, packed_g), (split_sum, split_n, split_g) = results
+    assert packed_n == split_n and split_sum == pytest.approx(packed_sum, rel=1e-5)
+    for name, g in packed_g.items():
+        torch.testing.assert_close(split_g[name], g, rtol=1e-5, atol=1e-6)

@@ -71,17 +71,21 @@ def rope_inv_freq(args: ModelArgs, device: torch.device | str | None = None) -> 
 
 
 def rope_cos_sin(inv_freq: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-    """cos/sin of position * inv_freq in fp32, shaped ``[..., S, 1, hd/2]`` to broadcast over heads."""
+    """cos/sin of position * inv_freq in fp32, laid out for ``apply_rope``: each angle's cos twice (the pair's two
+    elements), its sin as (-sin, +sin); shaped ``[..., S, 1, hd]`` to broadcast over heads."""
     angles = positions.float()[..., None] * inv_freq  # [..., S, hd/2]
-    return angles.cos().unsqueeze(-2), angles.sin().unsqueeze(-2)
+    cos, sin = angles.cos(), angles.sin()
+    return cos.repeat_interleave(2, -1).unsqueeze(-2), torch.stack((-sin, sin), -1).flatten(-2).unsqueeze(-2)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate adjacent pairs (x[2i], x[2i+1]) by the angle of pair i (Meta's interleaved layout), in fp32."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)
+    """Rotate adjacent pairs (x[2i], x[2i+1]) by the angle of pair i (Meta's interleaved layout), in fp32:
+    (x0 cos - x1 sin, x1 cos + x0 sin), computed as x * cos + (x with each pair swapped) * (-sin, +sin). Bit for bit
+    the pairwise formula (a - b is a + (-b) exactly), with two full-width multiplies instead of four half-width ones
+    on strided views, whose backward zero-fills and copies (about 3x faster forward + backward on CPU)."""
+    xf = x.float()
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return (xf * cos + swapped * sin).type_as(x)
 
 
 # --- Attention ---------------------------------------------------------------------------------------------------

@@ -120,9 +120,18 @@ def pack(lengths: list[int], seq_len: int, seed: int, packing: bool = True) -> l
 
 
 def collate_rows(rows: list[list[int]], examples: list[tuple[list[int], list[int]]], pad_id: int,
-                 width: int | None) -> Batch:
+                 width: int | None, split: bool = False) -> Batch:
     """Packed rows as a ``Batch`` with document ids and per-document positions; padding (to ``width``, or to the
-    longest row) is a document of its own with targets -100."""
+    longest row) is a document of its own with targets -100.
+
+    ``split`` lays the same dialogs out one per row instead (in row order, padded to the longest, causal attention,
+    positions from 0): with document masks and per-document positions every dialog's logits are those it has in the
+    packed row, so the step's loss and gradients are the packed step's (to float rounding), without attention over
+    whole rows through a dense ``[B, 1, S, S]`` mask. ``sft_task`` chooses it where attention has no block-sparse
+    kernel (CPU: FlexAttention has no backward there)."""
+    if split:
+        rows = [[i] for row in rows for i in row]
+        width = None
     width = width or max(sum(len(examples[i][0]) for i in row) for row in rows)
     inputs = torch.full((len(rows), width), pad_id, dtype=torch.long)
     targets = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
@@ -163,16 +172,23 @@ class SFTTask(LanguageModelTask):
 
 def sft_task(cfg: SFTRunConfig, examples: list[tuple[list[int], list[int]]], tokenizer: Tokenizer, args: ModelArgs,
              world: World) -> SFTTask:
+    from herd.train.loop import resolve_device
+
     d = cfg.data
     pad_id = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.eos_id
     train_idx, val_idx = split_validation(len(examples), d.val_fraction)
     width = d.seq_len if d.packing else None
+    # Packed rows train exactly like their dialogs one per row when attention stays inside each dialog and positions
+    # restart; without a block-sparse attention kernel (CPU) that layout is the cheaper one. A pipeline schedule needs
+    # the fixed number of rows per batch that packing gives.
+    split = (d.packing and d.document_masking and d.per_document_positions and world.pp_size == 1
+             and resolve_device(cfg.train.device).type != "cuda")
 
     def source(indices: list[int], batch_size: int, shuffle: bool) -> ExampleSource:
         part = [examples[i] for i in indices]
         rows = pack([len(x) for x, _ in part], d.seq_len, d.seed, d.packing)
         return ExampleSource(len(rows), batch_size, lambda mine, _: collate_rows([rows[i] for i in mine], part,
-                                                                                  pad_id, width),
+                                                                                  pad_id, width, split),
                              d.seed, world.dp_rank, world.dp_size, shuffle=shuffle)
 
     val = source(val_idx, d.batch_size // cfg.train.grad_accum, False) if val_idx else None
