@@ -3,6 +3,7 @@ ids, however the file is cut; a run over a split file keeps and removes exactly 
 the same bytes for any worker count."""
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -119,3 +120,27 @@ def test_split_file_runs_like_the_whole_file_for_any_worker_count(tmp_path):
                                                                          key=key)
     assert split_stats["stages"] == whole["stages"]
     assert whole["stages"]["minhash_dedup"]["docs_removed"] + whole["stages"]["exact_dedup"]["docs_removed"] > 0
+
+
+# --- worker processes -------------------------------------------------------------------------------------------
+def _square_or_fail(x: int) -> int:
+    if x == 13:
+        raise ValueError("thirteen")
+    if x == -1:
+        os._exit(3)  # a worker that dies without answering (as under the OOM killer)
+    return x * x
+
+
+def test_worker_processes_keep_order_raise_worker_errors_and_survive_dead_workers():
+    from herd.data.executors import RemoteTraceback, WorkerDiedError, WorkerProcesses
+
+    with WorkerProcesses(2, "fork") as pool:
+        assert list(pool.imap(_square_or_fail, range(40, 14, -3))) == [x * x for x in range(40, 14, -3)]
+    pool = WorkerProcesses(2, "fork")
+    with pytest.raises(ValueError, match="thirteen") as e:
+        list(pool.imap(_square_or_fail, [1, 2, 13, 4]))
+    assert isinstance(e.value.__cause__, RemoteTraceback) and "_square_or_fail" in str(e.value.__cause__)
+    assert pool._procs == []  # an error stops and joins the workers
+    pool = WorkerProcesses(2, "fork")
+    with pytest.raises(WorkerDiedError, match=r"worker process \d \(pid \d+\) exited \(3\)"):
+        list(pool.imap(_square_or_fail, [1, -1, 2, 3]))

@@ -301,9 +301,8 @@ def test_killed_tokenize_leaves_no_temporary_and_no_traceback(small_tokenizer, t
         p = subprocess.Popen([sys.executable, "-m", "herd", "data", "tokenize", "--input", str(corpus), "--tokenizer",
                               str(tok_dir), "--out", str(out), "--workers", "2"], env=ENV, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, start_new_session=True)
-        # Kill once the workers are encoding (the progress bar has counted a document). Until the pool has started,
-        # the parent holds SIGINT ignored so that the workers inherit it: a Ctrl-C in that window is not seen, and
-        # the run completes normally instead.
+        # Kill once the workers are encoding (the progress bar has counted a document): the workers are then killed
+        # by SIGTERM mid-write (a Pool's shared result lock would be lost with them) or ignore SIGINT.
         chunks: list[str] = []
         reader = threading.Thread(target=lambda out, f: out.extend(iter(lambda: f.read(1), "")),
                                   args=(chunks, p.stderr), daemon=True)
