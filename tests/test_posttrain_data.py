@@ -256,3 +256,29 @@ def test_packed_rows_split_one_dialog_per_row_train_identically(small_tokenizer)
     assert packed_n == split_n and split_sum == pytest.approx(packed_sum, rel=1e-5)
     for name, g in packed_g.items():
         torch.testing.assert_close(split_g[name], g, rtol=1e-5, atol=1e-6)
+
+
+def test_logits_of_trained_positions_only_give_the_same_loss_and_gradients(small_tokenizer):
+    """``trained_logits_only`` (the model's ``logits_at``): the output layer and cross-entropy run on the response
+    tokens alone. Same loss and gradients as the full ``[B, S, vocab]`` logits (1e-6: the same sums, other blocking)."""
+    from herd.posttrain.sft import collate_rows, pack
+    from herd.train.task import LanguageModelTask
+
+    tok, _ = small_tokenizer
+    chat = ChatFormat(tok)
+    examples = [(ids[:-1], labels[1:]) for ids, labels in
+                (encode_dialog(chat, m) for m in arithmetic_dialogs(8, seed=4, multi_turn=True))]
+    batch = collate_rows(pack([len(x) for x, _ in examples], 250, seed=0), examples, tok.eos_id, 250)
+    results = []
+    for trained_only in (False, True):
+        task = LanguageModelTask(None, per_document_positions=True, trained_logits_only=trained_only)
+        model = small_model(tok.n_words, seed=6)
+        out = model(batch.inputs, **task.model_inputs(batch, torch.device("cpu")))
+        assert out.dim() == (2 if trained_only else 3)
+        total, count = task.loss(out, batch.targets)
+        (total / count).backward()
+        results.append((total.item(), int(count), {n: p.grad for n, p in model.named_parameters()}))
+    (full_sum, full_n, full_g), (sum_, n, g) = results
+    assert n == full_n == int((batch.targets != IGNORE_INDEX).sum()) and sum_ == pytest.approx(full_sum, rel=1e-6)
+    for name in full_g:
+        torch.testing.assert_close(g[name], full_g[name], rtol=1e-5, atol=1e-7)

@@ -9,10 +9,11 @@ Parameter names are Meta's (``wq wk wv wo``, ``w1 w2 w3``, ``attention_norm``, `
 The model does not know how it is parallelised, compiled or checkpointed: ``train/`` applies that from outside.
 Two hooks serve the other stages without touching this file:
 
-- ``forward(tokens, positions=None, mask=None, cache=None, cache_pos=None, last_only=False)``: ``positions`` are
-  the RoPE positions (per-document positions for packed training, each sequence's own positions when decoding),
-  ``mask`` is an attention mask (None means causal; a boolean tensor ``[B, 1, S, T]`` with True = may attend; or a
-  FlexAttention ``BlockMask``), see ``masks.py``; ``last_only`` computes the logits of the last position only.
+- ``forward(tokens, positions=None, mask=None, cache=None, cache_pos=None, last_only=False, logits_at=None)``:
+  ``positions`` are the RoPE positions (per-document positions for packed training, each sequence's own positions
+  when decoding), ``mask`` is an attention mask (None means causal; a boolean tensor ``[B, 1, S, T]`` with True = may
+  attend; or a FlexAttention ``BlockMask``), see ``masks.py``; ``last_only`` computes the logits of the last position
+  only, ``logits_at`` those of the positions a boolean ``[B, S]`` selects (the trained ones of a fine-tuning batch).
 - ``cache``: a ``KVCache`` the caller owns (``KVCache.for_model(model, batch, max_len)``; ``rows`` selects some of
   its rows, to fill one sequence of a batch); ``cache_pos`` says where the new keys/values are written (``[S]`` for
   the whole batch, or ``[B, S]`` per row). The model keeps no inference state of its own, so the same model can be
@@ -232,11 +233,14 @@ class Transformer(nn.Module):
         return self
 
     def forward(self, tokens: Tensor, positions: Tensor | None = None, mask=None, cache: KVCache | None = None,
-                cache_pos: Tensor | None = None, last_only: bool = False) -> Tensor:
+                cache_pos: Tensor | None = None, last_only: bool = False, logits_at: Tensor | None = None) -> Tensor:
         """``tokens [B, S]`` (or hidden states ``[B, S, dim]`` on a pipeline stage without embeddings) -> logits.
 
         ``last_only`` computes logits for the last position only (a prefill needs no more, and the full
-        ``[B, S, vocab]`` tensor of a long prompt can be larger than the model)."""
+        ``[B, S, vocab]`` tensor of a long prompt can be larger than the model). ``logits_at`` (bool ``[B, S]``)
+        computes them for the selected positions only, returned as ``[N, vocab]`` in row-major order: fine-tuning
+        trains the responses alone, and the prompt's share of the output layer, its ``[B, S, vocab]`` logits and
+        their cross-entropy is then not spent."""
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         if positions is None:
             positions = torch.arange(h.size(1), device=h.device)
@@ -245,6 +249,8 @@ class Transformer(nn.Module):
             h = layer(h, cos, sin, mask, cache, cache_pos, i)
         if last_only:
             h = h[:, -1:]
+        elif logits_at is not None:
+            h = h[logits_at]
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h
 

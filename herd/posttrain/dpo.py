@@ -142,7 +142,9 @@ class DPOTask:
         export_policy(self.cfg, self.args, model, path, tokenizer, world)
 
     def model_inputs(self, batch: Batch, device: torch.device) -> dict:
-        return {}  # right-padded rows, causal attention: padding never reaches a real token
+        # Right-padded rows, causal attention: padding never reaches a real token. Logits of the completion tokens
+        # only (the DPO and NLL terms read nothing else).
+        return {"logits_at": batch.targets.labels.to(device) != IGNORE_INDEX}
 
     def count(self, targets: DPOTargets) -> Tensor:
         return torch.tensor(targets.pairs)
@@ -150,7 +152,12 @@ class DPOTask:
     def loss(self, logits: Tensor, targets: DPOTargets) -> tuple[Tensor, Tensor]:
         """Sum over this micro-batch's pairs of the DPO loss, plus its chosen tokens' NLL scaled so that the step's
         total divided by the step's pairs is the formula in the module docstring."""
-        tokens = losses.token_logprobs(logits, targets.labels)  # 0 where not a completion token
+        if logits.dim() == 2:  # [N, vocab]: the completion positions only (``logits_at``), back to [2b, S]
+            trained = targets.labels != IGNORE_INDEX
+            tokens = torch.zeros(targets.labels.shape, dtype=torch.float32, device=logits.device)
+            tokens[trained] = losses.token_logprobs(logits, targets.labels[trained])
+        else:
+            tokens = losses.token_logprobs(logits, targets.labels)  # 0 where not a completion token
         in_dpo = (targets.dpo_labels != IGNORE_INDEX).to(tokens.dtype)
         policy = (tokens * in_dpo).sum(-1)
         b = targets.pairs

@@ -192,8 +192,12 @@ def sft_task(cfg: SFTRunConfig, examples: list[tuple[list[int], list[int]]], tok
                              d.seed, world.dp_rank, world.dp_size, shuffle=shuffle)
 
     val = source(val_idx, d.batch_size // cfg.train.grad_accum, False) if val_idx else None
+    # Logits of the response tokens only; tensor parallelism keeps the full [B, S] layout (its sequence-sharded
+    # hidden states and vocabulary-sharded loss), and a pipeline schedule needs fixed output shapes.
+    trained_only = world.degrees["tp"] == 1 and world.pp_size == 1
     return SFTTask(source(train_idx, d.batch_size, True), val, document_masking=d.document_masking,
-                   per_document_positions=d.per_document_positions, cfg=cfg, args=args)
+                   per_document_positions=d.per_document_positions, trained_logits_only=trained_only, cfg=cfg,
+                   args=args)
 
 
 def sft(cfg: SFTRunConfig, run_dir: str | Path) -> list[dict]:

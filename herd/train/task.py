@@ -76,7 +76,7 @@ class Task(Protocol):
 
 def causal_lm_loss(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     """Summed next-token cross-entropy over the targets that are not ``IGNORE_INDEX``, and their number."""
-    total = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+    total = F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
                             reduction="sum")
     return total, (targets != IGNORE_INDEX).sum()
 
@@ -92,6 +92,7 @@ class LanguageModelTask:
     val_data: BatchSource | None = None
     document_masking: bool = True
     per_document_positions: bool = False
+    trained_logits_only: bool = False  # logits of the trained positions only (the model's ``logits_at``)
 
     def model_inputs(self, batch: Batch, device: torch.device) -> dict:
         mask = None
@@ -100,10 +101,15 @@ class LanguageModelTask:
             # FlexAttention has no backward on CPU: the dense SDPA mask there (same values, tested against each other).
             mask = document_block_mask(doc_ids) if device.type == "cuda" else document_causal_mask(doc_ids)
         positions = batch.positions.to(device) if self.per_document_positions else None
-        return {"mask": mask, "positions": positions}
+        inputs = {"mask": mask, "positions": positions}
+        if self.trained_logits_only:
+            inputs["logits_at"] = batch.targets.to(device) != IGNORE_INDEX
+        return inputs
 
     def count(self, targets: Tensor) -> Tensor:
         return (targets != IGNORE_INDEX).sum()
 
     def loss(self, output: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        if output.dim() == 2:  # [N, vocab]: the logits of the trained positions only, in row-major order
+            targets = targets[targets != IGNORE_INDEX]
         return causal_lm_loss(output, targets)
