@@ -121,3 +121,34 @@ def test_sft_with_lora_trains_adapters_and_exports_merged_and_peft(tmp_path, pos
                        for m in ("attention.wq", "attention.wv", "feed_forward.w2")}
     adapter = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert adapter["r"] == 4 and set(adapter["target_modules"]) == {"q_proj", "v_proj", "down_proj"}
+
+
+def test_metrics_count_the_real_tokens_of_padded_rows_and_resume_the_count(tmp_path, posttrain_model):  # noqa: F811
+    """``tokens_seen`` / ``tokens_per_s`` of a stage that pads its rows count the dialogs' tokens, not
+    ``batch_size x seq_len``: over one epoch without packing, exactly the tokens of every dialog (``ids[:-1]``); a
+    resumed run carries the count on from its checkpoint."""
+    from herd.config import load_config
+    from herd.posttrain.config import SFTRunConfig
+    from herd.posttrain.data import Skips
+    from herd.posttrain.sft import encode_sft_examples, open_tokenizer, sft
+
+    policy, _ = posttrain_model
+
+    def cfg(steps):
+        return load_config(ROOT / "configs" / "sft-tiny-cpu.toml",
+                           [f"--model.init_from={policy}", f"--data.path={write_dialogs(tmp_path / 'd.jsonl', n=12)}",
+                            "--data.seq_len=128", "--data.batch_size=4", "--data.val_fraction=0",
+                            "--data.packing=false", f"--train.steps={steps}", "--checkpoint.interval=2",
+                            "--log.progress=false", "--log.tensorboard=false"], cls=SFTRunConfig)
+
+    c = cfg(3)
+    real = sum(len(x) for x, _ in encode_sft_examples(c, open_tokenizer(c), Skips(False)))
+    records = sft(c, tmp_path / "run")
+    assert records[-1]["tokens_seen"] == real < 3 * c.data.batch_size * c.data.seq_len
+    seen = [0] + [r["tokens_seen"] for r in records]
+    for r, before in zip(records, seen):
+        assert r["tokens_per_s"] * r["step_time_s"] == pytest.approx(r["tokens_seen"] - before)
+    again = sft(cfg(4), tmp_path / "run")  # resumes from the checkpoint of step 3 for one more step
+    assert [r["step"] for r in again] == [4]
+    step4 = again[0]["tokens_per_s"] * again[0]["step_time_s"]
+    assert 0 < step4 <= c.data.batch_size * c.data.seq_len and again[0]["tokens_seen"] == pytest.approx(real + step4)

@@ -30,6 +30,7 @@ class Batch:
     targets: torch.Tensor  # [B, S] int64 (-100 where nothing is trained) or a stage's own target tensor
     doc_ids: torch.Tensor | None = None  # [B, S] int64, document index within the window (0, 1, ...)
     positions: torch.Tensor | None = None  # [B, S] int64, position within the document (restarts at each document)
+    n_tokens: int | None = None  # real tokens in ``inputs`` where a stage pads its rows (None: every one is real)
 
 
 @dataclass

@@ -91,7 +91,9 @@ def collate_dpo(examples: list[EncodedPreference], ref_logps: Tensor, step_chose
                 tokenizer: Tokenizer, cfg: DPORunConfig) -> Batch:
     inputs, labels, dpo_labels = sequences(examples, tokenizer, cfg.dpo.mask_formatting_tokens)
     weight = cfg.dpo.nll_coef * step_pairs / max(step_chosen_tokens, 1)
-    return Batch(inputs, DPOTargets(labels, dpo_labels, ref_logps, torch.tensor(weight, dtype=torch.float64)))
+    n_tokens = sum(2 * len(ex.prompt) + len(ex.chosen) + len(ex.rejected) - 2 for ex in examples)
+    return Batch(inputs, DPOTargets(labels, dpo_labels, ref_logps, torch.tensor(weight, dtype=torch.float64)),
+                 n_tokens=n_tokens)
 
 
 def chosen_tokens(ex: EncodedPreference) -> int:

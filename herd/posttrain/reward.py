@@ -197,7 +197,8 @@ def collate_pairs(examples: list[EncodedPreference], pad: int) -> Batch:
             better += [first + 2, first + 2]
             worse += [first, first + 1]
     lengths = torch.tensor([len(r) for r in rows])
-    return Batch(pad_rows(rows, pad), RewardTargets(lengths, torch.tensor(better), torch.tensor(worse)))
+    return Batch(pad_rows(rows, pad), RewardTargets(lengths, torch.tensor(better), torch.tensor(worse)),
+                 n_tokens=int(lengths.sum()))
 
 
 class RewardTask:

@@ -149,11 +149,12 @@ def collate_rows(rows: list[list[int]], examples: list[tuple[list[int], list[int
             at += n
         doc_ids[r, at:] = len(row)
         positions[r, at:] = torch.arange(width - at)
+    n_tokens = sum(len(examples[i][0]) for row in rows for i in row)
     if all(len(row) == 1 for row in rows):
         # One dialog per row, padding after it: causal attention is already exact (and far cheaper than a dense
         # document mask on CPU).
-        return Batch(inputs, targets, None, positions)
-    return Batch(inputs, targets, doc_ids, positions)
+        return Batch(inputs, targets, None, positions, n_tokens)
+    return Batch(inputs, targets, doc_ids, positions, n_tokens)
 
 
 @dataclass

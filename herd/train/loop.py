@@ -221,7 +221,8 @@ class Trainer:
         if world.is_main:
             atomic_write_text(self.run_dir / "config.toml", to_toml(cfg))
 
-        tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+        tokens_per_step = cfg.data.batch_size * cfg.data.seq_len  # the windows' size; a padding stage counts its own
+        tokens_seen = state.get("tokens_seen", start_step * tokens_per_step) if latest is not None else 0
         flops_per_token = flops.train_flops_per_token(self.args, cfg.data.seq_len)
         peak, peak_source = peak_flops_for(self.device, self.compute_dtype, cfg)
         logger = self._logger(start_step)
@@ -276,7 +277,9 @@ class Trainer:
                                            f"{tc.max_bad_steps}): stopping")
                     if skipped is not None:
                         self.skip_positions.add(position)
-                    back_to = self.restore(latest)["step"]
+                    restored = self.restore(latest)
+                    back_to = restored["step"]
+                    tokens_seen = restored.get("tokens_seen", back_to * tokens_per_step)
                     redone = [r for r in records if r["step"] > back_to]
                     goodput.rolled_back(sum(r["step_time_s"] for r in redone if "skipped" not in r))
                     records = [r for r in records if r["step"] <= back_to]
@@ -294,11 +297,12 @@ class Trainer:
                     print(f"step {step + 1}: {skipped}; no checkpoint to roll back to yet: update skipped",
                           file=sys.stderr, flush=True)
 
-            tps = tokens_per_step / dt
+            tps = self.step_tokens / dt
+            tokens_seen += self.step_tokens
             record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm.item(),
                       "tokens_per_s": tps, "trained_tokens": trained, "step_time_s": dt,
                       "mfu": flops.mfu(flops_per_token, tps, peak * world.size) if peak else None,
-                      "memory_gb": _memory_gb(self.device), "tokens_seen": (step + 1) * tokens_per_step}
+                      "memory_gb": _memory_gb(self.device), "tokens_seen": tokens_seen}
             if skipped is not None:
                 record["skipped"] = skipped
             is_last = step + 1 == tc.steps
@@ -323,7 +327,7 @@ class Trainer:
                 self.checkpointer.save(step, self.model, self.optimizer, {
                     "loader": data.state_dict(), "config": dataclasses.asdict(cfg),
                     "model_args": dataclasses.asdict(self.args), "goodput": dict(goodput.totals),
-                    "skip_windows": sorted(self.skip_positions)})
+                    "skip_windows": sorted(self.skip_positions), "tokens_seen": tokens_seen})
                 goodput.add("checkpoint", time.perf_counter() - t_save)
         self.checkpointer.wait()
         bar.close()
@@ -352,6 +356,13 @@ class Trainer:
         local = sum(int(self.task.count(b.targets)) for b in batches)
         return self.world.sum_over_dp(local)
 
+    def _tokens(self, batches: list[Batch]) -> int:
+        """The tokens the model reads this step over all data-parallel ranks: the batches' ``n_tokens`` where a stage
+        pads its rows (post-training: dialogs and preference rows of varying length), else the full windows."""
+        if any(b.n_tokens is None for b in batches):
+            return self.cfg.data.batch_size * self.cfg.data.seq_len
+        return self.world.sum_over_dp(sum(b.n_tokens for b in batches))
+
     def _pipeline_loss(self, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self.task.loss(output, targets)[0] * self.scale * self.poison
 
@@ -360,6 +371,7 @@ class Trainer:
         the same on every rank) and the count. Gradients are those of that normalised loss."""
         self.poison = float("nan") if injected_fault("nan-at", step) else 1.0
         trained = self._normaliser(batches)
+        self.step_tokens = self._tokens(batches)
         # FSDP averages gradients over data-parallel ranks; multiplying by their number makes the result the gradient
         # of (sum over all ranks) / (count over all ranks).
         self.scale = self.world.dp_size / max(trained, 1)
