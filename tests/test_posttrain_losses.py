@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from herd.posttrain import losses
 from herd.posttrain.config import DPORunConfig
 from herd.posttrain.data import EncodedPreference
-from herd.posttrain.dpo import collate_dpo, sequences
+from herd.posttrain.dpo import collate_dpo
 from herd.tokenizer import ChatFormat
 from herd.train.task import IGNORE_INDEX
 
@@ -98,43 +98,72 @@ def test_dpo_task_loss_with_mask_matches_direct_computation(llama3_tokenizer):
     ref = torch.tensor([-30.0, -41.0, -12.0, -9.5])  # chosen 1, chosen 2, rejected 1, rejected 2
     n_chosen = sum(len(e.chosen) for e in examples)
     batch = collate_dpo(examples, ref, n_chosen, 2, tok, cfg)
+    t = batch.targets
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(*batch.inputs.shape, tok.n_words, generator=g) * 3
+    grid = torch.randn(*batch.inputs.shape, tok.n_words, generator=g) * 3  # logits at every position of the rows
     task = DPOTask.__new__(DPOTask)
     task.cfg = cfg
-    total, count = task.loss(logits, batch.targets)
+    total, count = task.loss(grid[t.row, t.col], t)
 
-    # Direct: per row, the completion tokens minus header/eot tokens for DPO, all completion tokens for the NLL.
-    def direct_logp(row, full, prompt_len, drop_formatting):
+    # Direct. A pair's row is prompt + chosen[:-1] + rejected[:-1]: response token k is predicted at the prompt's last
+    # position (k = 0), else at the position of the response's token k - 1. The DPO term drops header/eot tokens,
+    # the NLL term keeps every chosen token.
+    def direct_logp(i, side, drop_formatting):
+        ex = examples[i]
+        P, response = len(ex.prompt), (ex.chosen, ex.rejected)[side]
+        start = P if side == 0 else P + len(ex.chosen) - 1
+        formatting = losses.formatting_token_mask(torch.tensor(ex.prompt + response), tok)
         logp = torch.tensor(0.0)
-        for t in range(prompt_len, len(full)):
-            token = full[t]
-            if drop_formatting and bool(losses.formatting_token_mask(torch.tensor(full), tok)[t]):
+        for k, token in enumerate(response):
+            if drop_formatting and bool(formatting[P + k]):
                 continue
-            logp = logp + logits[row, t - 1].log_softmax(-1)[token]
+            logp = logp + grid[i, P - 1 if k == 0 else start + k - 1].log_softmax(-1)[token]
         return logp
 
-    fulls = [e.prompt + e.chosen for e in examples] + [e.prompt + e.rejected for e in examples]
-    plen = [len(e.prompt) for e in examples] * 2
-    pol = [direct_logp(r, fulls[r], plen[r], True) for r in range(4)]
+    pol = [direct_logp(i, side, True) for side in (0, 1) for i in range(2)]
     dpo = sum(-F.logsigmoid(0.1 * ((pol[i] - ref[i]) - (pol[i + 2] - ref[i + 2]))) for i in range(2)) / 2
-    nll = -sum(direct_logp(r, fulls[r], plen[r], False) for r in range(2)) / n_chosen
+    nll = -sum(direct_logp(i, 0, False) for i in range(2)) / n_chosen
     assert int(count) == 2
     assert (total / count).item() == pytest.approx((dpo + 0.2 * nll).item(), rel=1e-5)
 
     # Changing the logits at positions that predict formatting tokens leaves the DPO term unchanged.
-    _, labels, dpo_labels = sequences(examples, tok, mask_formatting=True)
-    formatting = (labels != IGNORE_INDEX) & (dpo_labels == IGNORE_INDEX)
+    formatting = ~t.in_dpo
     assert formatting.any()
-    assert set(labels[formatting].tolist()) <= {128006, 128007, 128009, *tok.encode("user"),
-                                                *tok.encode("assistant")}
-    changed = logits.clone()
-    changed[formatting] += torch.randn(int(formatting.sum()), tok.n_words, generator=g) * 10
+    assert set(t.label[formatting].tolist()) <= {128006, 128007, 128009, *tok.encode("user"),
+                                                 *tok.encode("assistant")}
+    at = set(zip(t.row[formatting].tolist(), t.col[formatting].tolist()))
+    assert not at & set(zip(t.row[t.in_dpo].tolist(), t.col[t.in_dpo].tolist()))  # no position predicts both
+    changed = grid.clone()
+    changed[t.row[formatting], t.col[formatting]] += torch.randn(int(formatting.sum()), tok.n_words, generator=g) * 10
     cfg.dpo.nll_coef = 0.0  # the DPO term alone (the NLL term trains every completion token, formatting included)
     dpo_only = collate_dpo(examples, ref, n_chosen, 2, tok, cfg).targets
-    before, _ = task.loss(logits, dpo_only)
-    after, _ = task.loss(changed, dpo_only)
+    before, _ = task.loss(grid[t.row, t.col], dpo_only)
+    after, _ = task.loss(changed[t.row, t.col], dpo_only)
     assert before.item() == pytest.approx(2 * dpo.item(), rel=1e-5)
     assert after.item() == pytest.approx(before.item(), rel=1e-6)
-    nomask, _, _ = sequences(examples, tok, mask_formatting=False)
-    assert torch.equal(nomask, batch.inputs)
+    cfg.dpo.mask_formatting_tokens = False
+    assert torch.equal(collate_dpo(examples, ref, n_chosen, 2, tok, cfg).inputs, batch.inputs)
+
+
+def test_shared_prefix_row_gives_each_response_the_logits_it_has_after_the_prompt_alone():
+    """A DPO pair in one row (prompt + chosen + rejected, ``shared_prefix_mask``, positions of each response
+    continuing the prompt) gives every response position the logits of its own two-part sequence (1e-5: other
+    attention kernels); the FlexAttention block mask used on GPU gives the dense mask's (forward; 1e-5)."""
+    import herd
+    from herd.model.masks import shared_prefix_block_mask, shared_prefix_mask
+
+    model = herd.Transformer(herd.ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97))
+    model.init_weights(seed=3)
+    g = torch.Generator().manual_seed(1)
+    prompt, chosen, rejected = (torch.randint(0, 97, (n,), generator=g) for n in (20, 30, 25))
+    row = torch.cat([prompt, chosen, rejected])[None]
+    branch = torch.tensor([[0] * 20 + [1] * 30 + [2] * 25])
+    positions = torch.cat([torch.arange(50), torch.arange(20, 45)])[None]
+    with torch.no_grad():
+        shared = model(row, positions=positions, mask=shared_prefix_mask(branch))
+        alone_c = model(torch.cat([prompt, chosen])[None])
+        alone_r = model(torch.cat([prompt, rejected])[None])
+        flex = model(row, positions=positions, mask=shared_prefix_block_mask(branch))
+    torch.testing.assert_close(shared[0, :50], alone_c[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shared[0, 50:], alone_r[0, 20:], rtol=1e-5, atol=1e-5)
+    assert (shared - flex).abs().max() < 1e-5

@@ -1,4 +1,5 @@
-"""Attention masks: causal, document-causal (packed training sequences) and decoding masks.
+"""Attention masks: causal, document-causal (packed training sequences), shared-prefix (a DPO pair in one row) and
+decoding masks.
 
 Convention: boolean masks, True = may attend. ``Transformer.forward(mask=None)`` means plain causal attention.
 
@@ -33,6 +34,28 @@ def document_block_mask(doc_ids: Tensor, block_size: int = 128):
 
     B, S = doc_ids.shape
     return create_block_mask(mask_mod, B, None, S, S, device=doc_ids.device, BLOCK_SIZE=block_size)
+
+
+def shared_prefix_mask(branch: Tensor) -> Tensor:
+    """``branch [B, S]`` -> bool ``[B, 1, S, S]`` for rows that hold a shared prefix (branch 0) followed by branches
+    1, 2, ... that each continue it (a prompt, then its chosen and its rejected response): query i sees key j iff
+    j <= i and j is in the prefix or in i's own branch. Every branch then attends as if it followed the prefix alone.
+    """
+    S = branch.size(-1)
+    visible = (branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :])
+    causal = torch.ones(S, S, dtype=torch.bool, device=branch.device).tril()
+    return (visible & causal).unsqueeze(1)
+
+
+def shared_prefix_block_mask(branch: Tensor, block_size: int = 128):
+    """The same mask as a FlexAttention ``BlockMask`` (built on ``branch``' device)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return ((branch[b, kv_idx] == 0) | (branch[b, q_idx] == branch[b, kv_idx])) & (kv_idx <= q_idx)
+
+    B, S = branch.shape
+    return create_block_mask(mask_mod, B, None, S, S, device=branch.device, BLOCK_SIZE=block_size)
 
 
 def document_positions(doc_ids: Tensor) -> Tensor:

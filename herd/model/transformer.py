@@ -13,7 +13,8 @@ Two hooks serve the other stages without touching this file:
   ``positions`` are the RoPE positions (per-document positions for packed training, each sequence's own positions
   when decoding), ``mask`` is an attention mask (None means causal; a boolean tensor ``[B, 1, S, T]`` with True = may
   attend; or a FlexAttention ``BlockMask``), see ``masks.py``; ``last_only`` computes the logits of the last position
-  only, ``logits_at`` those of the positions a boolean ``[B, S]`` selects (the trained ones of a fine-tuning batch).
+  only, ``logits_at`` those of the positions a boolean ``[B, S]`` or a pair of (row, column) index tensors selects
+  (the trained ones of a fine-tuning batch).
 - ``cache``: a ``KVCache`` the caller owns (``KVCache.for_model(model, batch, max_len)``; ``rows`` selects some of
   its rows, to fill one sequence of a batch); ``cache_pos`` says where the new keys/values are written (``[S]`` for
   the whole batch, or ``[B, S]`` per row). The model keeps no inference state of its own, so the same model can be
@@ -233,12 +234,14 @@ class Transformer(nn.Module):
         return self
 
     def forward(self, tokens: Tensor, positions: Tensor | None = None, mask=None, cache: KVCache | None = None,
-                cache_pos: Tensor | None = None, last_only: bool = False, logits_at: Tensor | None = None) -> Tensor:
+                cache_pos: Tensor | None = None, last_only: bool = False,
+                logits_at: Tensor | tuple[Tensor, Tensor] | None = None) -> Tensor:
         """``tokens [B, S]`` (or hidden states ``[B, S, dim]`` on a pipeline stage without embeddings) -> logits.
 
         ``last_only`` computes logits for the last position only (a prefill needs no more, and the full
-        ``[B, S, vocab]`` tensor of a long prompt can be larger than the model). ``logits_at`` (bool ``[B, S]``)
-        computes them for the selected positions only, returned as ``[N, vocab]`` in row-major order: fine-tuning
+        ``[B, S, vocab]`` tensor of a long prompt can be larger than the model). ``logits_at`` (bool ``[B, S]``, or
+        ``(rows, cols)`` index tensors, which may repeat a position) computes them for the selected positions only,
+        returned as ``[N, vocab]`` (row-major for a boolean mask, else in the indices' order): fine-tuning
         trains the responses alone, and the prompt's share of the output layer, its ``[B, S, vocab]`` logits and
         their cross-entropy is then not spent."""
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens

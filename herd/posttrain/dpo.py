@@ -43,57 +43,107 @@ from herd.posttrain.data import EncodedPreference, ExampleSource, load_preferenc
 from herd.posttrain.sft import build_policy, export_policy, open_tokenizer
 from herd.tokenizer import Tokenizer
 from herd.train.parallelize import World
-from herd.train.task import IGNORE_INDEX
 
 REFERENCE_FILE = "dpo_reference.pt"
 
 
 @dataclass
 class DPOTargets:
-    """A micro-batch's targets: rows are the chosen sequences, then the rejected ones (``2b`` rows for ``b`` pairs)."""
+    """A micro-batch's targets, one entry per scored token ("site") of its ``b`` pairs: the row and column whose logits
+    predict it, the token, the side (0 chosen, 1 rejected) and whether it is in the DPO term."""
 
-    labels: Tensor  # [2b, S] completion tokens (shifted), IGNORE_INDEX elsewhere: the NLL term uses the chosen rows
-    dpo_labels: Tensor  # [2b, S] the tokens in the DPO term (labels minus formatting tokens when masked)
-    ref_logps: Tensor  # [2b] reference sequence log-probs of dpo_labels
+    row: Tensor  # [N] the pair's row
+    col: Tensor  # [N] the position whose logits predict the token
+    label: Tensor  # [N] the token
+    side: Tensor  # [N] 0 = chosen, 1 = rejected
+    in_dpo: Tensor  # [N] bool: in the DPO term (False for formatting tokens when masked); the NLL term takes all
+    ref_logps: Tensor  # [2b] reference sequence log-probs (chosen rows, then rejected)
     nll_weight: Tensor  # scalar: nll_coef * (pairs in the step) / (chosen completion tokens in the step)
 
     def to(self, device) -> DPOTargets:
-        return DPOTargets(self.labels.to(device), self.dpo_labels.to(device), self.ref_logps.to(device),
-                          self.nll_weight.to(device))
+        return DPOTargets(*(t.to(device) for t in (self.row, self.col, self.label, self.side, self.in_dpo,
+                                                   self.ref_logps, self.nll_weight)))
 
     @property
     def pairs(self) -> int:
         return self.ref_logps.numel() // 2
 
 
-def sequences(examples: list[EncodedPreference], tokenizer: Tokenizer, mask_formatting: bool
-              ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(inputs, labels, dpo_labels)`` of the chosen rows then the rejected rows, right-padded: inputs are the
-    prompt + response tokens but the last, labels the next tokens on the response (-100 on the prompt and padding)."""
-    full = [ex.prompt + ex.chosen for ex in examples] + [ex.prompt + ex.rejected for ex in examples]
-    prompt_lens = [len(ex.prompt) for ex in examples] * 2
+@dataclass
+class PairRows:
+    """Preference pairs laid out one per row: the prompt once, then the chosen response, then the rejected one
+    (``prompt + chosen[:-1] + rejected[:-1]``), with ``branch`` 0/1/2 for the three parts (3 for padding) and the
+    RoPE positions each part has in its own sequence (the rejected response continues the prompt, as the chosen one
+    does). With ``shared_prefix_mask(branch)`` each response attends to the prompt and to itself only, so every logit
+    is the one of the two-sequence layout, while the prompt is computed once instead of twice."""
+
+    inputs: Tensor  # [b, L]
+    positions: Tensor  # [b, L]
+    branch: Tensor  # [b, L]
+    targets_without_ref: tuple[Tensor, Tensor, Tensor, Tensor, Tensor]  # row, col, label, side, in_dpo
+
+    @property
+    def n_tokens(self) -> int:
+        return int((self.branch < 3).sum())
+
+
+def pair_rows(examples: list[EncodedPreference], tokenizer: Tokenizer, mask_formatting: bool) -> PairRows:
     pad = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.eos_id
-    ids = pad_rows(full, pad)
-    inputs, labels = ids[:, :-1].clone(), ids[:, 1:].clone()
-    positions = torch.arange(labels.size(1))
-    lengths = torch.tensor([len(f) for f in full])
-    completion = (positions[None, :] >= torch.tensor(prompt_lens)[:, None] - 1) & \
-        (positions[None, :] < lengths[:, None] - 1)
-    labels[~completion] = IGNORE_INDEX
-    dpo_labels = labels.clone()
-    if mask_formatting:
-        # On the whole sequence (a header's role name is recognised between its two special tokens), then shifted.
-        dpo_labels[losses.formatting_token_mask(ids, tokenizer)[:, 1:]] = IGNORE_INDEX
-    return inputs, labels, dpo_labels
+    rows, positions, branches = [], [], []
+    site_row, site_col, site_label, site_side, site_in_dpo = [], [], [], [], []
+    for r, ex in enumerate(examples):
+        P, chosen, rejected = len(ex.prompt), ex.chosen, ex.rejected
+        rows.append(ex.prompt + chosen[:-1] + rejected[:-1])
+        positions.append(list(range(P + len(chosen) - 1)) + list(range(P, P + len(rejected) - 1)))
+        branches.append([0] * P + [1] * (len(chosen) - 1) + [2] * (len(rejected) - 1))
+        for side, response, start in ((0, chosen, P), (1, rejected, P + len(chosen) - 1)):
+            # Token k of a response is predicted at the prompt's last position (k = 0), else at its own token k - 1.
+            cols = [P - 1] + list(range(start, start + len(response) - 1))
+            if mask_formatting:  # on the whole sequence (a header's role is recognised between its special tokens)
+                formatting = losses.formatting_token_mask(torch.tensor(ex.prompt + response), tokenizer)[P:].tolist()
+            else:
+                formatting = [False] * len(response)
+            site_row += [r] * len(response)
+            site_col += cols
+            site_label += response
+            site_side += [side] * len(response)
+            site_in_dpo += [not f for f in formatting]
+    width = max(len(x) for x in rows)
+    inputs = pad_rows(rows, pad)
+    pos = torch.tensor([x + list(range(len(x), len(x) + width - len(x))) for x in positions])
+    branch = torch.tensor([x + [3] * (width - len(x)) for x in branches])
+    sites = (torch.tensor(site_row), torch.tensor(site_col), torch.tensor(site_label), torch.tensor(site_side),
+             torch.tensor(site_in_dpo))
+    return PairRows(inputs, pos, branch, sites)
+
+
+def pair_inputs(positions: Tensor, branch: Tensor, targets: DPOTargets, device: torch.device) -> dict:
+    """The model's keyword inputs for pair rows: positions, the shared-prefix mask (block-sparse on GPU, dense SDPA on
+    CPU, where FlexAttention has no backward) and the logits to compute (the sites')."""
+    from herd.model.masks import shared_prefix_block_mask, shared_prefix_mask
+
+    branch = branch.to(device)
+    mask = shared_prefix_block_mask(branch) if device.type == "cuda" else shared_prefix_mask(branch)
+    return {"positions": positions.to(device), "mask": mask,
+            "logits_at": (targets.row.to(device), targets.col.to(device))}
+
+
+def sequence_sums(site_logps: Tensor, targets: DPOTargets) -> tuple[Tensor, Tensor]:
+    """``(policy [2b], nll)``: each sequence's log-prob over its DPO tokens (chosen rows, then rejected), and the sum
+    of −log p over every chosen token."""
+    b = targets.pairs
+    policy = torch.zeros(2 * b, dtype=site_logps.dtype, device=site_logps.device)
+    policy = policy.index_add(0, targets.side * b + targets.row, site_logps * targets.in_dpo.to(site_logps.dtype))
+    nll = -(site_logps * (targets.side == 0).to(site_logps.dtype)).sum()
+    return policy, nll
 
 
 def collate_dpo(examples: list[EncodedPreference], ref_logps: Tensor, step_chosen_tokens: int, step_pairs: int,
                 tokenizer: Tokenizer, cfg: DPORunConfig) -> Batch:
-    inputs, labels, dpo_labels = sequences(examples, tokenizer, cfg.dpo.mask_formatting_tokens)
+    rows = pair_rows(examples, tokenizer, cfg.dpo.mask_formatting_tokens)
     weight = cfg.dpo.nll_coef * step_pairs / max(step_chosen_tokens, 1)
-    n_tokens = sum(2 * len(ex.prompt) + len(ex.chosen) + len(ex.rejected) - 2 for ex in examples)
-    return Batch(inputs, DPOTargets(labels, dpo_labels, ref_logps, torch.tensor(weight, dtype=torch.float64)),
-                 n_tokens=n_tokens)
+    targets = DPOTargets(*rows.targets_without_ref, ref_logps, torch.tensor(weight, dtype=torch.float64))
+    return Batch(rows.inputs, targets, rows.branch, rows.positions, rows.n_tokens)
 
 
 def chosen_tokens(ex: EncodedPreference) -> int:
@@ -108,11 +158,13 @@ def reference_logprobs(model: torch.nn.Module, examples: list[EncodedPreference]
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(examples), batch_size):
-        chunk = examples[i:i + batch_size]
-        inputs, _, dpo_labels = sequences(chunk, tokenizer, mask_formatting)
+        rows = pair_rows(examples[i:i + batch_size], tokenizer, mask_formatting)
+        targets = DPOTargets(*rows.targets_without_ref, torch.zeros(2 * rows.inputs.size(0)), torch.tensor(0.0))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
-            logps = losses.sequence_logprobs(model(inputs.to(device)), dpo_labels.to(device)).float().cpu()
-        out.append(torch.stack(logps.chunk(2), dim=1))
+            logits = model(rows.inputs.to(device), **pair_inputs(rows.positions, rows.branch, targets, device))
+            site_logps = losses.token_logprobs(logits, targets.label.to(device)).float()
+        policy, _ = sequence_sums(site_logps, targets.to(device))
+        out.append(torch.stack(policy.cpu().chunk(2), dim=1))
     return torch.cat(out)
 
 
@@ -144,28 +196,20 @@ class DPOTask:
         export_policy(self.cfg, self.args, model, path, tokenizer, world)
 
     def model_inputs(self, batch: Batch, device: torch.device) -> dict:
-        # Right-padded rows, causal attention: padding never reaches a real token. Logits of the completion tokens
-        # only (the DPO and NLL terms read nothing else).
-        return {"logits_at": batch.targets.labels.to(device) != IGNORE_INDEX}
+        # Batch.doc_ids holds the pair rows' parts (``PairRows.branch``: prompt, chosen, rejected, padding)
+        return pair_inputs(batch.positions, batch.doc_ids, batch.targets, device)
 
     def count(self, targets: DPOTargets) -> Tensor:
         return torch.tensor(targets.pairs)
 
     def loss(self, logits: Tensor, targets: DPOTargets) -> tuple[Tensor, Tensor]:
         """Sum over this micro-batch's pairs of the DPO loss, plus its chosen tokens' NLL scaled so that the step's
-        total divided by the step's pairs is the formula in the module docstring."""
-        if logits.dim() == 2:  # [N, vocab]: the completion positions only (``logits_at``), back to [2b, S]
-            trained = targets.labels != IGNORE_INDEX
-            tokens = torch.zeros(targets.labels.shape, dtype=torch.float32, device=logits.device)
-            tokens[trained] = losses.token_logprobs(logits, targets.labels[trained])
-        else:
-            tokens = losses.token_logprobs(logits, targets.labels)  # 0 where not a completion token
-        in_dpo = (targets.dpo_labels != IGNORE_INDEX).to(tokens.dtype)
-        policy = (tokens * in_dpo).sum(-1)
+        total divided by the step's pairs is the formula in the module docstring. ``logits [N, vocab]`` are those of
+        the sites (``DPOTargets``), in their order."""
+        policy, nll = sequence_sums(losses.token_logprobs(logits, targets.label), targets)
         b = targets.pairs
         ref = targets.ref_logps.to(policy.dtype)
         dpo = losses.dpo_loss(policy[:b], policy[b:], ref[:b], ref[b:], self.cfg.dpo.beta)
-        nll = -tokens[:b].sum()
         return dpo.sum() + targets.nll_weight.to(nll.dtype) * nll, torch.tensor(b)
 
 
