@@ -167,3 +167,34 @@ def test_shared_prefix_row_gives_each_response_the_logits_it_has_after_the_promp
     torch.testing.assert_close(shared[0, :50], alone_c[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(shared[0, 50:], alone_r[0, 20:], rtol=1e-5, atol=1e-5)
     assert (shared - flex).abs().max() < 1e-5
+
+
+def test_reward_rows_with_a_prompt_and_its_responses_score_each_response_as_alone():
+    """Meta's reward-model rows: a prompt and its 2-3 responses in one row. Each response's score equals the score of
+    its own prompt + response row (1e-5: other attention kernels), edited included, and the pairs are edited > chosen
+    > rejected."""
+    import herd
+    from herd.posttrain.reward import RewardModel, RewardTask, collate_pairs
+
+    args = herd.ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97)
+    lm = herd.Transformer(args)
+    lm.init_weights(seed=4)
+    model = RewardModel.from_language_model(lm, seed=1)
+    g = torch.Generator().manual_seed(2)
+
+    def ids(n):
+        return torch.randint(0, 96, (n,), generator=g).tolist()
+
+    examples = [EncodedPreference(ids(12), ids(9), ids(14), ids(7), "x:1"),
+                EncodedPreference(ids(20), ids(5), ids(6), None, "x:2")]
+    batch = collate_pairs(examples, pad=96)
+    task = RewardTask.__new__(RewardTask)
+    with torch.no_grad():
+        scores = model(batch.inputs, **task.model_inputs(batch, torch.device("cpu")))
+        shared = scores[batch.targets.row, batch.targets.col]
+        alone = [model(torch.tensor([ex.prompt + r]), lengths=torch.tensor([len(ex.prompt) + len(r)])).item()
+                 for ex in examples for r in (ex.chosen, ex.rejected, ex.edited) if r is not None]
+    torch.testing.assert_close(shared, torch.tensor(alone), rtol=1e-5, atol=1e-5)
+    assert batch.targets.better.tolist() == [0, 2, 2, 3] and batch.targets.worse.tolist() == [1, 0, 1, 4]
+    assert batch.n_tokens == sum(len(ex.prompt) + len(ex.chosen) + len(ex.rejected) + len(ex.edited or [])
+                                 for ex in examples)

@@ -338,3 +338,53 @@ def load_preference_examples(cfg, tokenizer) -> list[EncodedPreference]:
     if not examples:
         raise DataError(f"{cfg.data.path}: no valid preference rows")
     return examples
+
+
+@dataclass
+class SharedPrefixRows:
+    """Rows that each hold a prompt once followed by several continuations of it (``prefix_rows``), right-padded:
+    ``branch`` is 0 on the prompt, k on the k-th continuation and ``PAD_BRANCH`` on padding; ``positions`` are the RoPE
+    positions each token has in its own prompt + continuation sequence; ``starts[r][k]`` is where continuation k of
+    row r begins. With ``masks.shared_prefix_mask(branch)`` every continuation attends to the prompt and to itself
+    only, so each of its positions computes what it would in its own sequence, while the prompt is computed once."""
+
+    inputs: torch.Tensor  # [R, L]
+    positions: torch.Tensor  # [R, L]
+    branch: torch.Tensor  # [R, L]
+    starts: list[list[int]]
+
+    @property
+    def n_tokens(self) -> int:
+        return int((self.branch != PAD_BRANCH).sum())
+
+
+PAD_BRANCH = 255  # padding: a branch of its own, never a continuation's
+
+
+def prefix_rows(rows: list[tuple[list[int], list[list[int]]]], pad: int) -> SharedPrefixRows:
+    """``[(prompt, [continuation, ...]), ...]`` laid out as ``SharedPrefixRows``."""
+    tokens, positions, branches, starts = [], [], [], []
+    for prompt, continuations in rows:
+        ids, pos, br, st = list(prompt), list(range(len(prompt))), [0] * len(prompt), []
+        for k, cont in enumerate(continuations, start=1):
+            st.append(len(ids))
+            ids += cont
+            pos += range(len(prompt), len(prompt) + len(cont))
+            br += [k] * len(cont)
+        tokens.append(ids)
+        positions.append(pos)
+        branches.append(br)
+        starts.append(st)
+    width = max(len(t) for t in tokens)
+    return SharedPrefixRows(pad_rows(tokens, pad),
+                            torch.tensor([p + list(range(len(p), width)) for p in positions]),
+                            torch.tensor([b + [PAD_BRANCH] * (width - len(b)) for b in branches]), starts)
+
+
+def prefix_attention(branch: torch.Tensor, device: torch.device):
+    """The attention mask of ``SharedPrefixRows`` on ``device``: FlexAttention's block mask on GPU, the dense SDPA mask
+    on CPU (where FlexAttention has no backward)."""
+    from herd.model.masks import shared_prefix_block_mask, shared_prefix_mask
+
+    branch = branch.to(device)
+    return shared_prefix_block_mask(branch) if device.type == "cuda" else shared_prefix_mask(branch)

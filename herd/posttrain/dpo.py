@@ -39,7 +39,15 @@ from herd.model.args import ModelArgs
 from herd.model.transformer import Transformer
 from herd.posttrain import losses
 from herd.posttrain.config import DPORunConfig
-from herd.posttrain.data import EncodedPreference, ExampleSource, load_preference_examples, pad_rows, split_validation
+from herd.posttrain.data import (
+    EncodedPreference,
+    ExampleSource,
+    SharedPrefixRows,
+    load_preference_examples,
+    prefix_attention,
+    prefix_rows,
+    split_validation,
+)
 from herd.posttrain.sft import build_policy, export_policy, open_tokenizer
 from herd.tokenizer import Tokenizer
 from herd.train.parallelize import World
@@ -71,60 +79,39 @@ class DPOTargets:
 
 @dataclass
 class PairRows:
-    """Preference pairs laid out one per row: the prompt once, then the chosen response, then the rejected one
-    (``prompt + chosen[:-1] + rejected[:-1]``), with ``branch`` 0/1/2 for the three parts (3 for padding) and the
-    RoPE positions each part has in its own sequence (the rejected response continues the prompt, as the chosen one
-    does). With ``shared_prefix_mask(branch)`` each response attends to the prompt and to itself only, so every logit
-    is the one of the two-sequence layout, while the prompt is computed once instead of twice."""
+    """Preference pairs laid out one per row (``data.prefix_rows``): the prompt once, then ``chosen[:-1]``, then
+    ``rejected[:-1]`` (a response's last token is only ever a label), and the sites to score."""
 
-    inputs: Tensor  # [b, L]
-    positions: Tensor  # [b, L]
-    branch: Tensor  # [b, L]
-    targets_without_ref: tuple[Tensor, Tensor, Tensor, Tensor, Tensor]  # row, col, label, side, in_dpo
-
-    @property
-    def n_tokens(self) -> int:
-        return int((self.branch < 3).sum())
+    rows: SharedPrefixRows
+    sites: tuple[Tensor, Tensor, Tensor, Tensor, Tensor]  # row, col, label, side, in_dpo (``DPOTargets``' first five)
 
 
 def pair_rows(examples: list[EncodedPreference], tokenizer: Tokenizer, mask_formatting: bool) -> PairRows:
     pad = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.eos_id
-    rows, positions, branches = [], [], []
+    rows = prefix_rows([(ex.prompt, [ex.chosen[:-1], ex.rejected[:-1]]) for ex in examples], pad)
     site_row, site_col, site_label, site_side, site_in_dpo = [], [], [], [], []
     for r, ex in enumerate(examples):
-        P, chosen, rejected = len(ex.prompt), ex.chosen, ex.rejected
-        rows.append(ex.prompt + chosen[:-1] + rejected[:-1])
-        positions.append(list(range(P + len(chosen) - 1)) + list(range(P, P + len(rejected) - 1)))
-        branches.append([0] * P + [1] * (len(chosen) - 1) + [2] * (len(rejected) - 1))
-        for side, response, start in ((0, chosen, P), (1, rejected, P + len(chosen) - 1)):
+        P = len(ex.prompt)
+        for side, response in enumerate((ex.chosen, ex.rejected)):
             # Token k of a response is predicted at the prompt's last position (k = 0), else at its own token k - 1.
-            cols = [P - 1] + list(range(start, start + len(response) - 1))
+            start = rows.starts[r][side]
             if mask_formatting:  # on the whole sequence (a header's role is recognised between its special tokens)
                 formatting = losses.formatting_token_mask(torch.tensor(ex.prompt + response), tokenizer)[P:].tolist()
             else:
                 formatting = [False] * len(response)
             site_row += [r] * len(response)
-            site_col += cols
+            site_col += [P - 1] + list(range(start, start + len(response) - 1))
             site_label += response
             site_side += [side] * len(response)
             site_in_dpo += [not f for f in formatting]
-    width = max(len(x) for x in rows)
-    inputs = pad_rows(rows, pad)
-    pos = torch.tensor([x + list(range(len(x), len(x) + width - len(x))) for x in positions])
-    branch = torch.tensor([x + [3] * (width - len(x)) for x in branches])
-    sites = (torch.tensor(site_row), torch.tensor(site_col), torch.tensor(site_label), torch.tensor(site_side),
-             torch.tensor(site_in_dpo))
-    return PairRows(inputs, pos, branch, sites)
+    return PairRows(rows, (torch.tensor(site_row), torch.tensor(site_col), torch.tensor(site_label),
+                           torch.tensor(site_side), torch.tensor(site_in_dpo)))
 
 
 def pair_inputs(positions: Tensor, branch: Tensor, targets: DPOTargets, device: torch.device) -> dict:
-    """The model's keyword inputs for pair rows: positions, the shared-prefix mask (block-sparse on GPU, dense SDPA on
-    CPU, where FlexAttention has no backward) and the logits to compute (the sites')."""
-    from herd.model.masks import shared_prefix_block_mask, shared_prefix_mask
-
-    branch = branch.to(device)
-    mask = shared_prefix_block_mask(branch) if device.type == "cuda" else shared_prefix_mask(branch)
-    return {"positions": positions.to(device), "mask": mask,
+    """The model's keyword inputs for pair rows: positions, the shared-prefix mask and the logits to compute (the
+    sites')."""
+    return {"positions": positions.to(device), "mask": prefix_attention(branch, device),
             "logits_at": (targets.row.to(device), targets.col.to(device))}
 
 
@@ -140,9 +127,10 @@ def sequence_sums(site_logps: Tensor, targets: DPOTargets) -> tuple[Tensor, Tens
 
 def collate_dpo(examples: list[EncodedPreference], ref_logps: Tensor, step_chosen_tokens: int, step_pairs: int,
                 tokenizer: Tokenizer, cfg: DPORunConfig) -> Batch:
-    rows = pair_rows(examples, tokenizer, cfg.dpo.mask_formatting_tokens)
+    pairs = pair_rows(examples, tokenizer, cfg.dpo.mask_formatting_tokens)
     weight = cfg.dpo.nll_coef * step_pairs / max(step_chosen_tokens, 1)
-    targets = DPOTargets(*rows.targets_without_ref, ref_logps, torch.tensor(weight, dtype=torch.float64))
+    targets = DPOTargets(*pairs.sites, ref_logps, torch.tensor(weight, dtype=torch.float64))
+    rows = pairs.rows  # Batch.doc_ids carries the rows' branches (prompt, chosen, rejected, padding)
     return Batch(rows.inputs, targets, rows.branch, rows.positions, rows.n_tokens)
 
 
@@ -158,8 +146,9 @@ def reference_logprobs(model: torch.nn.Module, examples: list[EncodedPreference]
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(examples), batch_size):
-        rows = pair_rows(examples[i:i + batch_size], tokenizer, mask_formatting)
-        targets = DPOTargets(*rows.targets_without_ref, torch.zeros(2 * rows.inputs.size(0)), torch.tensor(0.0))
+        pairs = pair_rows(examples[i:i + batch_size], tokenizer, mask_formatting)
+        rows = pairs.rows
+        targets = DPOTargets(*pairs.sites, torch.zeros(2 * rows.inputs.size(0)), torch.tensor(0.0))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
             logits = model(rows.inputs.to(device), **pair_inputs(rows.positions, rows.branch, targets, device))
             site_logps = losses.token_logprobs(logits, targets.label.to(device)).float()
@@ -196,8 +185,7 @@ class DPOTask:
         export_policy(self.cfg, self.args, model, path, tokenizer, world)
 
     def model_inputs(self, batch: Batch, device: torch.device) -> dict:
-        # Batch.doc_ids holds the pair rows' parts (``PairRows.branch``: prompt, chosen, rejected, padding)
-        return pair_inputs(batch.positions, batch.doc_ids, batch.targets, device)
+        return pair_inputs(batch.positions, batch.doc_ids, batch.targets, device)  # doc_ids: the rows' branches
 
     def count(self, targets: DPOTargets) -> Tensor:
         return torch.tensor(targets.pairs)

@@ -6,8 +6,10 @@ Saved as Hugging Face's ``LlamaForSequenceClassification`` (``num_labels = 1``, 
 reads the score at the last non-padding token), so herd (``load_reward_model``) and transformers load the same
 directory. Public for rejection sampling and PPO: ``RewardModel``, ``load_reward_model``, ``score_dialogs``.
 
-Each response is its own row (Meta packs a prompt and its 2–3 responses into one row for speed; the scores are the
-same). ``train.val_batches`` batches of held-out rows (``data.val_fraction``) give ``val_loss`` and ``val_accuracy``
+As Meta does, a prompt and its 2–3 responses share one row (``data.prefix_rows``: the prompt once, then each response,
+with a mask that lets each response see the prompt and itself only): every score is the one the response would get in
+its own row (tested), and the prompt is computed once.
+``train.val_batches`` batches of held-out rows (``data.val_fraction``) give ``val_loss`` and ``val_accuracy``
 (the fraction of held-out pairs ranked right) in ``metrics.jsonl``.
 """
 
@@ -28,7 +30,15 @@ from herd.model.args import ModelArgs
 from herd.model.transformer import Transformer
 from herd.posttrain import losses
 from herd.posttrain.config import RewardRunConfig
-from herd.posttrain.data import EncodedPreference, ExampleSource, load_preference_examples, pad_rows, split_validation
+from herd.posttrain.data import (
+    EncodedPreference,
+    ExampleSource,
+    load_preference_examples,
+    pad_rows,
+    prefix_attention,
+    prefix_rows,
+    split_validation,
+)
 from herd.tokenizer import ChatFormat, Tokenizer
 from herd.train.parallelize import World
 
@@ -174,31 +184,36 @@ def score_dialogs(model: RewardModel, tokenizer: Tokenizer, dialogs: list[list[d
 # --- training -------------------------------------------------------------------------------------------------------
 @dataclass
 class RewardTargets:
-    """Which rows of a micro-batch are compared: ``better[k]`` should outscore ``worse[k]``; ``lengths`` of the rows."""
+    """The responses of a micro-batch, where each one's score is read (its last token: ``row``, ``col``), and which are
+    compared: response ``better[k]`` should outscore response ``worse[k]``."""
 
-    lengths: Tensor  # [R]
-    better: Tensor  # [P] row indices
+    row: Tensor  # [R]
+    col: Tensor  # [R]
+    better: Tensor  # [P] response indices
     worse: Tensor  # [P]
 
     def to(self, device) -> RewardTargets:
-        return RewardTargets(self.lengths.to(device), self.better.to(device), self.worse.to(device))
+        return RewardTargets(self.row.to(device), self.col.to(device), self.better.to(device), self.worse.to(device))
 
 
 def collate_pairs(examples: list[EncodedPreference], pad: int) -> Batch:
-    """One row per response; pairs (chosen, rejected), plus (edited, chosen) and (edited, rejected) when edited."""
-    rows, better, worse = [], [], []
-    for ex in examples:
-        first = len(rows)
-        rows += [ex.prompt + ex.chosen, ex.prompt + ex.rejected]
+    """One row per preference row: the prompt, then chosen, rejected (and edited); pairs (chosen, rejected), plus
+    (edited, chosen) and (edited, rejected) when edited. ``Batch.doc_ids`` carries the rows' branches."""
+    responses = [[ex.chosen, ex.rejected] + ([ex.edited] if ex.edited is not None else []) for ex in examples]
+    rows = prefix_rows([(ex.prompt, rs) for ex, rs in zip(examples, responses)], pad)
+    site_row, site_col, better, worse = [], [], [], []
+    for r, rs in enumerate(responses):
+        first = len(site_row)
+        for start, response in zip(rows.starts[r], rs):
+            site_row.append(r)
+            site_col.append(start + len(response) - 1)
         better.append(first)
         worse.append(first + 1)
-        if ex.edited is not None:
-            rows.append(ex.prompt + ex.edited)
+        if len(rs) == 3:
             better += [first + 2, first + 2]
             worse += [first, first + 1]
-    lengths = torch.tensor([len(r) for r in rows])
-    return Batch(pad_rows(rows, pad), RewardTargets(lengths, torch.tensor(better), torch.tensor(worse)),
-                 n_tokens=int(lengths.sum()))
+    targets = RewardTargets(torch.tensor(site_row), torch.tensor(site_col), torch.tensor(better), torch.tensor(worse))
+    return Batch(rows.inputs, targets, rows.branch, rows.positions, rows.n_tokens)
 
 
 class RewardTask:
@@ -232,13 +247,13 @@ class RewardTask:
         return RewardModel.from_language_model(initial_model(cfg, args), seed=cfg.train.seed)
 
     def model_inputs(self, batch: Batch, device: torch.device) -> dict:
-        return {}  # right-padded rows, causal attention: padding never reaches a real token
+        return {"positions": batch.positions.to(device), "mask": prefix_attention(batch.doc_ids, device)}
 
     def count(self, targets: RewardTargets) -> Tensor:
         return torch.tensor(len(targets.better))
 
     def loss(self, output: Tensor, targets: RewardTargets) -> tuple[Tensor, Tensor]:
-        rewards = output.gather(1, (targets.lengths - 1)[:, None]).squeeze(1)
+        rewards = output[targets.row, targets.col]
         better, worse = rewards[targets.better], rewards[targets.worse]
         if not torch.is_grad_enabled():  # validation
             self._correct += int((better > worse).sum())
