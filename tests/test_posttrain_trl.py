@@ -125,20 +125,27 @@ def test_sft_matches_trl(tmp_path, posttrain_model):  # noqa: F811
     assert unpacked == pytest.approx(loss, rel=1e-5)
 
 
+def _preferences(tmp_path, policy, verb, cls, seed, *overrides):
+    """4 preference rows (TRL's conversational format) for ``verb``'s tiny config: the rows, the config, the
+    tokenizer, herd's encoding of the rows and the model's shape."""
+    rows = preference_rows(4, seed=seed)
+    data = write_preferences(tmp_path / "pref.jsonl", n=4, seed=seed)
+    cfg = load_config(ROOT / "configs" / f"{verb}-tiny-cpu.toml",
+                      [f"--model.init_from={policy}", f"--data.path={data}", "--data.batch_size=4",
+                       "--data.seq_len=128", *overrides], cls=cls)
+    tok = open_tokenizer(cfg)
+    examples = encode_preferences(ChatFormat(tok), read_preferences(data), cfg.data.seq_len, Skips(False))
+    return rows, cfg, tok, examples, model_args_for(cfg, tok.n_words)
+
+
 def test_dpo_matches_trl_sigmoid_plus_sft(tmp_path, posttrain_model):  # noqa: F811
     from datasets import Dataset
     from transformers import AutoTokenizer, LlamaForCausalLM
     from trl import DPOConfig, DPOTrainer
 
     policy, reference = posttrain_model
-    rows = preference_rows(4, seed=3)
-    data = write_preferences(tmp_path / "pref.jsonl", n=4, seed=3)
-    cfg = load_config(ROOT / "configs" / "dpo-tiny-cpu.toml",
-                      [f"--model.init_from={policy}", f"--data.path={data}", "--data.batch_size=4",
-                       "--dpo.mask_formatting_tokens=false", "--data.seq_len=128"], cls=DPORunConfig)
-    tok = open_tokenizer(cfg)
-    examples = encode_preferences(ChatFormat(tok), read_preferences(data), cfg.data.seq_len, Skips(False))
-    args = model_args_for(cfg, tok.n_words)
+    rows, cfg, tok, examples, args = _preferences(tmp_path, policy, "dpo", DPORunConfig, 3,
+                                                  "--dpo.mask_formatting_tokens=false")
     ref_cfg = load_config(None, [f"--model.init_from={reference}"], cls=DPORunConfig)
     ref = reference_logprobs(initial_model(ref_cfg, args), examples, tok, mask_formatting=False)
     loss, grads = _loop_step(cfg, DPOTask(cfg, examples, ref, tok, args, World()), tok, args, tmp_path)
@@ -165,14 +172,8 @@ def test_reward_model_matches_trl_and_round_trips_through_transformers(tmp_path,
     from trl import RewardConfig, RewardTrainer
 
     policy, _ = posttrain_model
-    rows = preference_rows(4, seed=5)
-    data = write_preferences(tmp_path / "pref.jsonl", n=4, seed=5)
-    cfg = load_config(ROOT / "configs" / "reward-tiny-cpu.toml",
-                      [f"--model.init_from={policy}", f"--data.path={data}", "--data.batch_size=4",
-                       "--data.val_fraction=0", "--data.seq_len=128"], cls=RewardRunConfig)
-    tok = open_tokenizer(cfg)
-    examples = encode_preferences(ChatFormat(tok), read_preferences(data), cfg.data.seq_len, Skips(False))
-    args = model_args_for(cfg, tok.n_words)
+    rows, cfg, tok, examples, args = _preferences(tmp_path, policy, "reward", RewardRunConfig, 5,
+                                                  "--data.val_fraction=0")
     task = RewardTask(cfg, examples, tok, World(), args)
     model = task.build_model(cfg, args)
     with torch.no_grad():

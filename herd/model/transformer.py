@@ -82,9 +82,10 @@ def rope_cos_sin(inv_freq: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate adjacent pairs (x[2i], x[2i+1]) by the angle of pair i (Meta's interleaved layout), in fp32:
-    (x0 cos - x1 sin, x1 cos + x0 sin), computed as x * cos + (x with each pair swapped) * (-sin, +sin). Bit for bit
-    the pairwise formula (a - b is a + (-b) exactly), with two full-width multiplies instead of four half-width ones
-    on strided views, whose backward zero-fills and copies (about 3x faster forward + backward on CPU)."""
+    (x0 cos - x1 sin, x1 cos + x0 sin), computed as x * cos + (x with each pair swapped) * (-sin, +sin). Eager, that
+    is bit for bit the pairwise formula (a - b is a + (-b) exactly; a compiler may fuse either into FMAs), with two
+    full-width multiplies instead of four half-width ones on strided views, whose backward zero-fills and copies
+    (about 3x faster forward + backward on CPU)."""
     xf = x.float()
     swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
     return (xf * cos + swapped * sin).type_as(x)

@@ -351,17 +351,16 @@ class Trainer:
         return MetricsLogger(self.run_dir, resume_step=resume_step, tensorboard=self.cfg.log.tensorboard)
 
     # --- one step -------------------------------------------------------------------------------------------------
-    def _normaliser(self, batches: list[Batch]) -> int:
-        """What the step trains, summed over its micro-batches and the data-parallel ranks (known before forward)."""
-        local = sum(int(self.task.count(b.targets)) for b in batches)
-        return self.world.sum_over_dp(local)
-
-    def _tokens(self, batches: list[Batch]) -> int:
-        """The tokens the model reads this step over all data-parallel ranks: the batches' ``n_tokens`` where a stage
-        pads its rows (post-training: dialogs and preference rows of varying length), else the full windows."""
+    def _counts(self, batches: list[Batch]) -> tuple[int, int]:
+        """What the step trains (the loss's normaliser, known before the forward) and the tokens the model reads,
+        summed over the micro-batches and the data-parallel ranks in one all-reduce. The tokens are the batches'
+        ``n_tokens`` where a stage pads its rows (post-training: dialogs and preference rows of varying length), else
+        the full windows."""
+        trained = sum(int(self.task.count(b.targets)) for b in batches)
         if any(b.n_tokens is None for b in batches):
-            return self.cfg.data.batch_size * self.cfg.data.seq_len
-        return self.world.sum_over_dp(sum(b.n_tokens for b in batches))
+            return self.world.sum_over_dp(trained), self.cfg.data.batch_size * self.cfg.data.seq_len
+        trained, tokens = self.world.sums_over_dp([trained, sum(b.n_tokens for b in batches)])
+        return trained, tokens
 
     def _pipeline_loss(self, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self.task.loss(output, targets)[0] * self.scale * self.poison
@@ -370,8 +369,7 @@ class Trainer:
         """Forward and backward of one step's micro-batches; the step's loss (sum over everything trained / count,
         the same on every rank) and the count. Gradients are those of that normalised loss."""
         self.poison = float("nan") if injected_fault("nan-at", step) else 1.0
-        trained = self._normaliser(batches)
-        self.step_tokens = self._tokens(batches)
+        trained, self.step_tokens = self._counts(batches)
         # FSDP averages gradients over data-parallel ranks; multiplying by their number makes the result the gradient
         # of (sum over all ranks) / (count over all ranks).
         self.scale = self.world.dp_size / max(trained, 1)

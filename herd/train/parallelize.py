@@ -93,9 +93,16 @@ class World:
     def sum_over_dp(self, count: int) -> int:
         """A per-rank count summed over the data-parallel ranks (tensor- and pipeline-parallel peers read the same
         batch, so each data-parallel share is counted once)."""
+        return self.sums_over_dp([count])[0]
+
+    def sums_over_dp(self, counts: list[int]) -> list[int]:
+        """``sum_over_dp`` of several counts in one all-reduce."""
         if not self.distributed:
-            return count
-        return int(self._all_reduce_sum(count, torch.int64)) // (self.degrees["tp"] * self.pp_size)
+            return list(counts)
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        t = torch.tensor(counts, dtype=torch.int64, device=device)
+        dist.all_reduce(t)
+        return [int(c) // (self.degrees["tp"] * self.pp_size) for c in t.tolist()]
 
     def sum_of_losses(self, value: float) -> float:
         """A per-rank loss sum added over the data-parallel ranks: taken from the last pipeline stage (the only one
