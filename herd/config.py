@@ -189,7 +189,8 @@ class PretrainConfig:
 
 # --- loading ----------------------------------------------------------------------------------------------------
 def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check / convert ``value`` to the annotated type ``tp`` (int, float, bool, str and Optional of those)."""
+    """Check / convert ``value`` to the annotated type ``tp`` (int, float, bool, str, Optional of those, and list[str]:
+    a TOML array, or a comma-separated string on the command line)."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         options = [t for t in typing.get_args(tp) if t is not type(None)]
@@ -220,6 +221,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
+    elif origin is list and typing.get_args(tp) == (str,):
+        if isinstance(value, str):  # a command-line override: comma-separated
+            return [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value)
     raise ConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
 
 

@@ -48,6 +48,24 @@ def test_stop_ids_seed_and_sampling_rules():
     assert all(sample(logits, temperature=1.0, top_p=0.5).item() == 2 for _ in range(20))
 
 
+
+def test_complete_takes_more_prompts_than_batch_rows():
+    """``complete`` decodes at most ``max_batch`` sequences together; 300 prompts (beyond the engine's default queue of
+    256) through 16 rows give each prompt what it gets alone (seeded sampling: prompt i draws with seed + i)."""
+    from herd.inference.generate import complete
+    from herd.inference.sampling import SamplingParams
+
+    model = herd.Transformer(herd.ModelArgs.from_name("tiny", vocab_size=300, max_seq_len=64)).eval()
+    model.init_weights(seed=0)
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 300, (int(n),), generator=gen).tolist() for n in torch.randint(2, 9, (300,))]
+    params = SamplingParams(max_new_tokens=5, temperature=1.0, seed=7)
+    together = complete(model, prompts, params, max_batch=16)
+    assert [len(s.output) for s in together] == [5] * 300
+    for i in (0, 17, 299):
+        alone = complete(model, [prompts[i]], SamplingParams(max_new_tokens=5, temperature=1.0, seed=7 + i))
+        assert together[i].output == alone[0].output
+
 def test_chat_repl_history_reset_and_system_prompt(small_tokenizer):
     from herd.inference.chat_repl import chat_repl
     from herd.inference.generate import complete

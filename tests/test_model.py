@@ -211,3 +211,45 @@ def test_init_is_seeded_and_scaled():
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
     wo = a.layers["0"].attention.wo.weight
     assert wo.std().item() == pytest.approx(0.02 / math.sqrt(2 * 4), rel=0.1)
+
+
+@pytest.mark.parametrize("layout", ["causal", "row-positions", "dense-mask"])
+def test_logits_at_equals_the_full_forward_at_those_positions(layout):
+    """``logits_at`` starts the last block's queries at the first selected column (keys/values still cover every
+    position). The selected logits equal the full forward's (1e-6: the same sums over other matmul shapes) and so do
+    the gradients (1e-5 relative), for causal attention, per-row RoPE positions and a dense mask; the bool and
+    (rows, cols) forms agree exactly. A hook checks that the last feed-forward really ran on the trimmed columns."""
+    from herd.model.masks import document_causal_mask
+
+    torch.manual_seed(0)
+    model = herd.Transformer(ModelArgs.from_name("tiny", vocab_size=300, max_seq_len=64))
+    model.init_weights(seed=0)
+    B, S = 4, 40
+    tokens = torch.randint(0, 300, (B, S))
+    selected = torch.zeros(B, S, dtype=torch.bool)
+    selected[0, 20:30] = selected[1, 15:] = selected[2, 33:35] = selected[3, 18] = True
+    inputs = {}
+    if layout == "row-positions":
+        inputs["positions"] = torch.arange(S).repeat(B, 1) + torch.arange(B)[:, None]
+    if layout == "dense-mask":
+        doc_ids = (torch.arange(S) >= 12).long().repeat(B, 1)
+        inputs["mask"] = document_causal_mask(doc_ids)
+    widths = []
+    model.layers[str(model.args.n_layers - 1)].feed_forward.register_forward_hook(
+        lambda m, args, out: widths.append(args[0].size(1)))
+
+    def run(trimmed: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        out = model(tokens, logits_at=selected, **inputs) if trimmed else model(tokens, **inputs)[selected]
+        out.square().mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    full, full_grads = run(False)
+    trimmed, grads = run(True)
+    assert widths == [S, S - 15]
+    torch.testing.assert_close(trimmed, full, rtol=0, atol=1e-6)
+    for name, g in full_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-5 * g.abs().max().item())
+    rows, cols = selected.nonzero(as_tuple=True)
+    with torch.no_grad():
+        assert torch.equal(model(tokens, logits_at=(rows, cols), **inputs), model(tokens, logits_at=selected, **inputs))

@@ -115,6 +115,27 @@ def test_bad_settings_are_refused():
         apply_lora(model, 4, 8.0, 0.0, ["wq"])
 
 
+
+def test_target_modules_from_toml_array_or_command_line(tmp_path):
+    """``lora.target_modules`` is a TOML array, or comma-separated on the command line; the resolved config a run
+    writes (``to_toml``) reads back the same; anything else names the key."""
+    from herd.config import ConfigError, load_config, to_toml
+    from herd.posttrain.config import SFTRunConfig
+
+    path = tmp_path / "sft.toml"
+    path.write_text('[lora]\nrank = 4\ntarget_modules = ["wq", "w2"]\n')
+    cfg = load_config(path, cls=SFTRunConfig)
+    assert cfg.lora.modules() == ["wq", "w2"]
+    assert load_config(path, ["--lora.target_modules=wk, w1,w3"], cls=SFTRunConfig).lora.modules() == ["wk", "w1",
+                                                                                                       "w3"]
+    (tmp_path / "resolved.toml").write_text(to_toml(cfg))
+    assert load_config(tmp_path / "resolved.toml", cls=SFTRunConfig).lora == cfg.lora
+    path.write_text("[lora]\ntarget_modules = 3\n")
+    with pytest.raises(ConfigError, match="lora.target_modules: expected"):
+        load_config(path, cls=SFTRunConfig)
+    with pytest.raises(ConfigError, match="unknown module"):
+        load_config(None, ["--lora.target_modules=wq,q_proj"], cls=SFTRunConfig).lora.modules()
+
 def test_adapters_survive_a_dcp_checkpoint(tmp_path):
     """The loop's checkpoint (DCP) saves and restores adapters and their optimizer state like any weight."""
     from herd.train.checkpointing import Checkpointer, latest_checkpoint, load_checkpoint

@@ -152,3 +152,21 @@ def test_metrics_count_the_real_tokens_of_padded_rows_and_resume_the_count(tmp_p
     assert [r["step"] for r in again] == [4]
     step4 = again[0]["tokens_per_s"] * again[0]["step_time_s"]
     assert 0 < step4 <= c.data.batch_size * c.data.seq_len and again[0]["tokens_seen"] == pytest.approx(real + step4)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("verb", ["reward", "dpo"])
+def test_tensor_parallel_reproduces_the_single_process_run(tmp_path, posttrain_model, verb):  # noqa: F811
+    """``parallel.tp=2`` (Megatron-style with sequence parallelism; rows padded to a multiple of 2): DPO's loss runs on
+    vocabulary-sharded logits (``loss_parallel``), the reward model's score head is replicated. Same losses as one
+    process to 1e-5 relative, and final weights as close as the dp_shard run's."""
+    policy, _ = posttrain_model
+    data = _data(verb, tmp_path)
+    single, split = tmp_path / "single", tmp_path / "tp"
+    _run(_cmd(verb, single, policy, data))
+    _run(_cmd(verb, split, policy, data, "--parallel.tp=2", nproc=2))
+    losses = [r["loss"] for r in _metrics(single)]
+    assert len(losses) == 4 and np.allclose([r["loss"] for r in _metrics(split)], losses, rtol=1e-5, atol=0)
+    a, b = _weights(single), _weights(split)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=2e-5) for k in a)

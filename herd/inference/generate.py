@@ -24,13 +24,16 @@ from herd.tokenizer.tokenizer import Tokenizer
 
 
 def complete(model: Transformer, prompts: Seq[Seq[int]], params: SamplingParams,
-             tokenizer: Tokenizer | None = None, compile: bool = False) -> list[Sequence]:
+             tokenizer: Tokenizer | None = None, compile: bool = False, max_batch: int = 64) -> list[Sequence]:
     """Complete every prompt (token ids) and return the finished sequences: ``output`` ids, ``text`` (with a
-    tokenizer), ``logprobs``, ``finish_reason``. With ``params.seed`` set, prompt i samples with seed + i."""
+    tokenizer), ``logprobs``, ``finish_reason``. With ``params.seed`` set, prompt i samples with seed + i.
+
+    At most ``max_batch`` sequences decode together (the KV cache has that many rows); the others wait and take a row
+    as one finishes. Any number of prompts is accepted."""
     if not prompts:
         raise UserError("no prompts given")
     longest = max(len(p) for p in prompts)
-    engine = Engine(model, tokenizer, max_batch=len(prompts),
+    engine = Engine(model, tokenizer, max_batch=min(max_batch, len(prompts)), max_waiting=len(prompts),
                     max_len=min(longest + max(params.max_new_tokens, 1), model.args.max_seq_len), compile=compile)
     try:
         seqs = [engine.submit(p, params if params.seed is None else replace(params, seed=params.seed + i))

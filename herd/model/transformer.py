@@ -14,7 +14,8 @@ Two hooks serve the other stages without touching this file:
   when decoding), ``mask`` is an attention mask (None means causal; a boolean tensor ``[B, 1, S, T]`` with True = may
   attend; or a FlexAttention ``BlockMask``), see ``masks.py``; ``last_only`` computes the logits of the last position
   only, ``logits_at`` those of the positions a boolean ``[B, S]`` or a pair of (row, column) index tensors selects
-  (the trained ones of a fine-tuning batch).
+  (the trained ones of a fine-tuning batch; the last block then computes queries and feed-forward from the first
+  selected column on, since nothing before it is read).
 - ``cache``: a ``KVCache`` the caller owns (``KVCache.for_model(model, batch, max_len)``; ``rows`` selects some of
   its rows, to fill one sequence of a batch); ``cache_pos`` says where the new keys/values are written (``[S]`` for
   the whole batch, or ``[B, S]`` per row). The model keeps no inference state of its own, so the same model can be
@@ -166,14 +167,19 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * self.hd, args.dim, bias=False)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask=None, cache: KVCache | None = None,
-                cache_pos: Tensor | None = None, layer: int = 0) -> Tensor:
+                cache_pos: Tensor | None = None, layer: int = 0, queries_from: int = 0) -> Tensor:
         B, S, _ = x.shape
         # Head counts come from the projections' widths (-1), so a tensor-parallel shard that holds only some heads
         # runs the same code.
-        q = self.wq(x).view(B, S, -1, self.hd)
         k = self.wk(x).view(B, S, -1, self.hd)
         v = self.wv(x).view(B, S, -1, self.hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # keys are cached already rotated
+        k = apply_rope(k, cos, sin)  # keys are cached already rotated
+        if queries_from:
+            # Only positions >= queries_from are read after this layer (see Transformer.forward): queries there,
+            # keys and values everywhere, and the causal mask of those rows.
+            x, cos, sin = x[:, queries_from:], cos[..., queries_from:, :, :], sin[..., queries_from:, :, :]
+            mask = causal_rows(queries_from, S, x.device) if mask is None else mask[..., queries_from:, :]
+        q = apply_rope(self.wq(x).view(B, S - queries_from, -1, self.hd), cos, sin)
         q = q.transpose(1, 2)  # [B, H, S, hd]
         if cache is not None:
             if cache_pos is None or mask is None:
@@ -185,7 +191,12 @@ class Attention(nn.Module):
         else:
             k, v = k.transpose(1, 2), v.transpose(1, 2)
         out = attend(q, k, v, mask)  # [B, H, S, hd]
-        return self.wo(out.transpose(1, 2).reshape(B, S, -1))
+        return self.wo(out.transpose(1, 2).reshape(B, S - queries_from, -1))
+
+
+def causal_rows(first: int, n: int, device: torch.device) -> Tensor:
+    """Rows ``first .. n-1`` of the causal mask over ``n`` positions, ``[n - first, n]`` (True = may attend)."""
+    return torch.ones(n - first, n, dtype=torch.bool, device=device).tril(first)
 
 
 # --- Feed-forward and block ------------------------------------------------------------------------------------
@@ -209,12 +220,24 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(args.dim, args.hidden_dim)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask=None, cache: KVCache | None = None,
-                cache_pos: Tensor | None = None, layer: int = 0) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, cache_pos, layer)
+                cache_pos: Tensor | None = None, layer: int = 0, queries_from: int = 0) -> Tensor:
+        """``queries_from``: compute the output of positions ``queries_from ..`` only (``[B, S - queries_from, dim]``;
+        they still attend to every earlier position)."""
+        # queries_from goes by keyword: tensor parallelism prepares the seven positional inputs only.
+        h = x[:, queries_from:] + self.attention(self.attention_norm(x), cos, sin, mask, cache, cache_pos, layer,
+                                                 queries_from=queries_from)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
 # --- The model -------------------------------------------------------------------------------------------------
+def first_column(logits_at: Tensor | tuple[Tensor, Tensor]) -> int:
+    """The first column a ``logits_at`` selection (bool ``[B, S]`` or ``(rows, cols)``) reads; 0 when it is empty."""
+    if isinstance(logits_at, Tensor):
+        return int(logits_at.any(0).int().argmax())
+    cols = logits_at[1]
+    return int(cols.min()) if cols.numel() else 0
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -249,12 +272,24 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(h.size(1), device=h.device)
         cos, sin = rope_cos_sin(self.inv_freq, positions)
+        # With logits_at, the last block's output is read from the first selected column on: its queries, attention
+        # output and feed-forward start there (a fine-tuning batch's prompts are then only keys and values in it).
+        # Not with a KV cache or a BlockMask (whose rows cannot be sliced).
+        queries_from = 0
+        if logits_at is not None and cache is None and (mask is None or isinstance(mask, Tensor)):
+            queries_from = first_column(logits_at)
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers.values()):
-            h = layer(h, cos, sin, mask, cache, cache_pos, i)
+            if i == last and queries_from:
+                h = layer(h, cos, sin, mask, cache, cache_pos, i, queries_from=queries_from)
+            else:
+                h = layer(h, cos, sin, mask, cache, cache_pos, i)
         if last_only:
             h = h[:, -1:]
+        elif isinstance(logits_at, Tensor):
+            h = h[logits_at[:, queries_from:]]
         elif logits_at is not None:
-            h = h[logits_at]
+            h = h[logits_at[0], logits_at[1] - queries_from]
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h
 

@@ -30,10 +30,11 @@ class LoraConfig:
     rank: int = 0
     alpha: float = 32.0  # Meta llama-recipes lora_config: rank 8, alpha 32, dropout 0.05, q_proj + v_proj
     dropout: float = 0.05
-    target_modules: str = "wq,wv"  # comma-separated herd (Meta) names: wq wk wv wo w1 w2 w3
+    # herd (Meta) names among wq wk wv wo w1 w2 w3: a TOML array, or --lora.target_modules=wq,wv
+    target_modules: list[str] = field(default_factory=lambda: ["wq", "wv"])
 
     def modules(self) -> list[str]:
-        names = [m.strip() for m in self.target_modules.split(",") if m.strip()]
+        names = list(self.target_modules)
         known = {"wq", "wk", "wv", "wo", "w1", "w2", "w3"}
         if unknown := [m for m in names if m not in known]:
             raise ConfigError(f"lora.target_modules: unknown module(s) {unknown} (known: {', '.join(sorted(known))})")

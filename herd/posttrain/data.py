@@ -311,9 +311,9 @@ class ExampleSource:
         self.consumed = int(state["consumed"])
 
 
-def pad_rows(rows: list[list[int]], value: int) -> torch.Tensor:
-    """Right-pad lists of ids to the longest: ``[len(rows), max_len]`` int64."""
-    width = max(len(r) for r in rows)
+def pad_rows(rows: list[list[int]], value: int, width: int | None = None) -> torch.Tensor:
+    """Right-pad lists of ids to ``width`` (default: the longest): ``[len(rows), width]`` int64."""
+    width = width or max(len(r) for r in rows)
     out = torch.full((len(rows), width), value, dtype=torch.long)
     for i, r in enumerate(rows):
         out[i, :len(r)] = torch.tensor(r, dtype=torch.long)
@@ -361,8 +361,9 @@ class SharedPrefixRows:
 PAD_BRANCH = 255  # padding: a branch of its own, never a continuation's
 
 
-def prefix_rows(rows: list[tuple[list[int], list[list[int]]]], pad: int) -> SharedPrefixRows:
-    """``[(prompt, [continuation, ...]), ...]`` laid out as ``SharedPrefixRows``."""
+def prefix_rows(rows: list[tuple[list[int], list[list[int]]]], pad: int, multiple_of: int = 1) -> SharedPrefixRows:
+    """``[(prompt, [continuation, ...]), ...]`` laid out as ``SharedPrefixRows``, padded to the longest row rounded up
+    to ``multiple_of`` (tensor parallelism splits the sequence evenly over its ranks)."""
     tokens, positions, branches, starts = [], [], [], []
     for prompt, continuations in rows:
         ids, pos, br, st = list(prompt), list(range(len(prompt))), [0] * len(prompt), []
@@ -375,8 +376,8 @@ def prefix_rows(rows: list[tuple[list[int], list[list[int]]]], pad: int) -> Shar
         positions.append(pos)
         branches.append(br)
         starts.append(st)
-    width = max(len(t) for t in tokens)
-    return SharedPrefixRows(pad_rows(tokens, pad),
+    width = -(-max(len(t) for t in tokens) // multiple_of) * multiple_of
+    return SharedPrefixRows(pad_rows(tokens, pad, width),
                             torch.tensor([p + list(range(len(p), width)) for p in positions]),
                             torch.tensor([b + [PAD_BRANCH] * (width - len(b)) for b in branches]), starts)
 

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor, Shard
 
 from herd.config import ConfigError
 from herd.data.loader import Batch
@@ -86,9 +87,10 @@ class PairRows:
     sites: tuple[Tensor, Tensor, Tensor, Tensor, Tensor]  # row, col, label, side, in_dpo (``DPOTargets``' first five)
 
 
-def pair_rows(examples: list[EncodedPreference], tokenizer: Tokenizer, mask_formatting: bool) -> PairRows:
+def pair_rows(examples: list[EncodedPreference], tokenizer: Tokenizer, mask_formatting: bool,
+              multiple_of: int = 1) -> PairRows:
     pad = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.eos_id
-    rows = prefix_rows([(ex.prompt, [ex.chosen[:-1], ex.rejected[:-1]]) for ex in examples], pad)
+    rows = prefix_rows([(ex.prompt, [ex.chosen[:-1], ex.rejected[:-1]]) for ex in examples], pad, multiple_of)
     site_row, site_col, site_label, site_side, site_in_dpo = [], [], [], [], []
     for r, ex in enumerate(examples):
         P = len(ex.prompt)
@@ -108,11 +110,27 @@ def pair_rows(examples: list[EncodedPreference], tokenizer: Tokenizer, mask_form
                            torch.tensor(site_side), torch.tensor(site_in_dpo)))
 
 
-def pair_inputs(positions: Tensor, branch: Tensor, targets: DPOTargets, device: torch.device) -> dict:
-    """The model's keyword inputs for pair rows: positions, the shared-prefix mask and the logits to compute (the
-    sites')."""
-    return {"positions": positions.to(device), "mask": prefix_attention(branch, device),
-            "logits_at": (targets.row.to(device), targets.col.to(device))}
+def pair_inputs(positions: Tensor, branch: Tensor, targets: DPOTargets, device: torch.device,
+                sites_only: bool = True) -> dict:
+    """The model's keyword inputs for pair rows: positions, the shared-prefix mask and (``sites_only``) the logits to
+    compute, the sites'."""
+    inputs = {"positions": positions.to(device), "mask": prefix_attention(branch, device)}
+    if sites_only:
+        inputs["logits_at"] = (targets.row.to(device), targets.col.to(device))
+    return inputs
+
+
+def site_logprobs(logits: Tensor, targets: DPOTargets) -> Tensor:
+    """``[N]`` log-probabilities of the sites' tokens. ``logits`` are the sites' own ``[N, vocab]`` (``logits_at``),
+    or, under tensor parallelism, the full ``[B, S, vocab]`` sharded on the vocabulary (a DTensor): each rank picks
+    the sites from its shard and the cross-entropy runs on the sharded rows (the loop's ``loss_parallel``), so the
+    full vocabulary is never gathered."""
+    if isinstance(logits, DTensor):
+        picked = DTensor.from_local(logits.to_local()[targets.row, targets.col], logits.device_mesh, [Shard(1)])
+        return losses.token_logprobs(picked, targets.label).full_tensor()
+    if logits.dim() == 3:
+        logits = logits[targets.row, targets.col]
+    return losses.token_logprobs(logits, targets.label)
 
 
 def sequence_sums(site_logps: Tensor, targets: DPOTargets) -> tuple[Tensor, Tensor]:
@@ -126,8 +144,8 @@ def sequence_sums(site_logps: Tensor, targets: DPOTargets) -> tuple[Tensor, Tens
 
 
 def collate_dpo(examples: list[EncodedPreference], ref_logps: Tensor, step_chosen_tokens: int, step_pairs: int,
-                tokenizer: Tokenizer, cfg: DPORunConfig) -> Batch:
-    pairs = pair_rows(examples, tokenizer, cfg.dpo.mask_formatting_tokens)
+                tokenizer: Tokenizer, cfg: DPORunConfig, multiple_of: int = 1) -> Batch:
+    pairs = pair_rows(examples, tokenizer, cfg.dpo.mask_formatting_tokens, multiple_of)
     weight = cfg.dpo.nll_coef * step_pairs / max(step_chosen_tokens, 1)
     targets = DPOTargets(*pairs.sites, ref_logps, torch.tensor(weight, dtype=torch.float64))
     rows = pairs.rows  # Batch.doc_ids carries the rows' branches (prompt, chosen, rejected, padding)
@@ -160,10 +178,10 @@ def reference_logprobs(model: torch.nn.Module, examples: list[EncodedPreference]
 class DPOTask:
     def __init__(self, cfg: DPORunConfig, examples: list[EncodedPreference], ref: Tensor, tokenizer: Tokenizer,
                  args: ModelArgs, world: World):
-        if world.pp_size > 1 or world.degrees["tp"] > 1:
-            raise ConfigError("dpo: parallel.pp and parallel.tp are not supported (use parallel.dp_shard / "
-                              "dp_replicate)")
+        if world.pp_size > 1:
+            raise ConfigError("dpo: parallel.pp is not supported (use parallel.tp, dp_shard, dp_replicate)")
         self.cfg, self.args, self.world = cfg, args, world
+        tp = world.degrees["tp"]
         d = cfg.data
         train_idx, val_idx = split_validation(len(examples), d.val_fraction)
 
@@ -171,7 +189,8 @@ class DPOTask:
             def collate(mine: list[int], step: list[int]) -> Batch:
                 rows = [indices[i] for i in mine]
                 return collate_dpo([examples[r] for r in rows], torch.cat([ref[rows, 0], ref[rows, 1]]),
-                                   sum(chosen_tokens(examples[indices[i]]) for i in step), len(step), tokenizer, cfg)
+                                   sum(chosen_tokens(examples[indices[i]]) for i in step), len(step), tokenizer, cfg,
+                                   multiple_of=tp)
 
             return ExampleSource(len(indices), batch_size, collate, d.seed, world.dp_rank, world.dp_size, shuffle)
 
@@ -185,7 +204,9 @@ class DPOTask:
         export_policy(self.cfg, self.args, model, path, tokenizer, world)
 
     def model_inputs(self, batch: Batch, device: torch.device) -> dict:
-        return pair_inputs(batch.positions, batch.doc_ids, batch.targets, device)  # doc_ids: the rows' branches
+        # doc_ids: the rows' branches. Under tensor parallelism the hidden states are sequence shards: full logits.
+        return pair_inputs(batch.positions, batch.doc_ids, batch.targets, device,
+                           sites_only=self.world.degrees["tp"] == 1)
 
     def count(self, targets: DPOTargets) -> Tensor:
         return torch.tensor(targets.pairs)
@@ -193,8 +214,8 @@ class DPOTask:
     def loss(self, logits: Tensor, targets: DPOTargets) -> tuple[Tensor, Tensor]:
         """Sum over this micro-batch's pairs of the DPO loss, plus its chosen tokens' NLL scaled so that the step's
         total divided by the step's pairs is the formula in the module docstring. ``logits [N, vocab]`` are those of
-        the sites (``DPOTargets``), in their order."""
-        policy, nll = sequence_sums(losses.token_logprobs(logits, targets.label), targets)
+        the sites (``DPOTargets``), in their order (or all positions' under tensor parallelism: ``site_logprobs``)."""
+        policy, nll = sequence_sums(site_logprobs(logits, targets), targets)
         b = targets.pairs
         ref = targets.ref_logps.to(policy.dtype)
         dpo = losses.dpo_loss(policy[:b], policy[b:], ref[:b], ref[b:], self.cfg.dpo.beta)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from herd.checkpoint import hf
 from herd.config import ConfigError
@@ -196,11 +197,11 @@ class RewardTargets:
         return RewardTargets(self.row.to(device), self.col.to(device), self.better.to(device), self.worse.to(device))
 
 
-def collate_pairs(examples: list[EncodedPreference], pad: int) -> Batch:
+def collate_pairs(examples: list[EncodedPreference], pad: int, multiple_of: int = 1) -> Batch:
     """One row per preference row: the prompt, then chosen, rejected (and edited); pairs (chosen, rejected), plus
     (edited, chosen) and (edited, rejected) when edited. ``Batch.doc_ids`` carries the rows' branches."""
     responses = [[ex.chosen, ex.rejected] + ([ex.edited] if ex.edited is not None else []) for ex in examples]
-    rows = prefix_rows([(ex.prompt, rs) for ex, rs in zip(examples, responses)], pad)
+    rows = prefix_rows([(ex.prompt, rs) for ex, rs in zip(examples, responses)], pad, multiple_of)
     site_row, site_col, better, worse = [], [], [], []
     for r, rs in enumerate(responses):
         first = len(site_row)
@@ -221,9 +222,9 @@ class RewardTask:
 
     def __init__(self, cfg: RewardRunConfig, examples: list[EncodedPreference], tokenizer: Tokenizer, world: World,
                  args: ModelArgs):
-        if world.pp_size > 1 or world.degrees["tp"] > 1:
-            raise ConfigError("reward: parallel.pp and parallel.tp are not supported (use parallel.dp_shard / "
-                              "dp_replicate)")
+        if world.pp_size > 1:
+            raise ConfigError("reward: parallel.pp is not supported (use parallel.tp, dp_shard, dp_replicate)")
+        tp = world.degrees["tp"]
         self.cfg, self.world, self.args = cfg, world, args
         pad = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.eos_id
         train_idx, val_idx = split_validation(len(examples), cfg.data.val_fraction)
@@ -231,7 +232,7 @@ class RewardTask:
 
         def source(indices, batch_size, shuffle):
             return ExampleSource(len(indices), batch_size,
-                                 lambda mine, _: collate_pairs([examples[indices[i]] for i in mine], pad),
+                                 lambda mine, _: collate_pairs([examples[indices[i]] for i in mine], pad, tp),
                                  d.seed, world.dp_rank, world.dp_size, shuffle=shuffle)
 
         self.train_data = source(train_idx, d.batch_size, True)
@@ -253,6 +254,8 @@ class RewardTask:
         return torch.tensor(len(targets.better))
 
     def loss(self, output: Tensor, targets: RewardTargets) -> tuple[Tensor, Tensor]:
+        if isinstance(output, DTensor):  # tensor parallelism: [B, S] scores sharded on the sequence; gather them
+            output = output.full_tensor()
         rewards = output[targets.row, targets.col]
         better, worse = rewards[targets.better], rewards[targets.worse]
         if not torch.is_grad_enabled():  # validation

@@ -260,6 +260,15 @@ def apply_tensor_parallel(model: Transformer, tp_mesh) -> None:
             "feed_forward.w1": ColwiseParallel(), "feed_forward.w3": ColwiseParallel(),
             "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
         })
+    # Parameters no plan covers (a reward model's score head) are replicated on the tensor-parallel mesh: every
+    # parameter is then a DTensor, and its gradient is reduced over the sequence shards like the norms'.
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if not isinstance(param, DTensor):
+                replicated = distribute_tensor(param.data, tp_mesh, [Replicate()])
+                module.register_parameter(name, torch.nn.Parameter(replicated, requires_grad=param.requires_grad))
 
 
 def loss_parallel():
