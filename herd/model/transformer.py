@@ -171,15 +171,18 @@ class Attention(nn.Module):
         B, S, _ = x.shape
         # Head counts come from the projections' widths (-1), so a tensor-parallel shard that holds only some heads
         # runs the same code.
-        k = self.wk(x).view(B, S, -1, self.hd)
-        v = self.wv(x).view(B, S, -1, self.hd)
-        k = apply_rope(k, cos, sin)  # keys are cached already rotated
+        xq, cos_q, sin_q = x, cos, sin
         if queries_from:
             # Only positions >= queries_from are read after this layer (see Transformer.forward): queries there,
             # keys and values everywhere, and the causal mask of those rows.
-            x, cos, sin = x[:, queries_from:], cos[..., queries_from:, :, :], sin[..., queries_from:, :, :]
+            xq, cos_q, sin_q = x[:, queries_from:], cos[..., queries_from:, :, :], sin[..., queries_from:, :, :]
             mask = causal_rows(queries_from, S, x.device) if mask is None else mask[..., queries_from:, :]
-        q = apply_rope(self.wq(x).view(B, S - queries_from, -1, self.hd), cos, sin)
+        # q, k, v in this order: it fixes the order in which backward adds their gradients into x, and pretraining's
+        # golden losses are bit-exact.
+        q = self.wq(xq).view(B, S - queries_from, -1, self.hd)
+        k = self.wk(x).view(B, S, -1, self.hd)
+        v = self.wv(x).view(B, S, -1, self.hd)
+        q, k = apply_rope(q, cos_q, sin_q), apply_rope(k, cos, sin)  # keys are cached already rotated
         q = q.transpose(1, 2)  # [B, H, S, hd]
         if cache is not None:
             if cache_pos is None or mask is None:
@@ -224,8 +227,9 @@ class TransformerBlock(nn.Module):
         """``queries_from``: compute the output of positions ``queries_from ..`` only (``[B, S - queries_from, dim]``;
         they still attend to every earlier position)."""
         # queries_from goes by keyword: tensor parallelism prepares the seven positional inputs only.
-        h = x[:, queries_from:] + self.attention(self.attention_norm(x), cos, sin, mask, cache, cache_pos, layer,
-                                                 queries_from=queries_from)
+        residual = x[:, queries_from:] if queries_from else x
+        h = residual + self.attention(self.attention_norm(x), cos, sin, mask, cache, cache_pos, layer,
+                                      queries_from=queries_from)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
