@@ -168,5 +168,7 @@ def test_tensor_parallel_reproduces_the_single_process_run(tmp_path, posttrain_m
     _run(_cmd(verb, split, policy, data, "--parallel.tp=2", nproc=2))
     losses = [r["loss"] for r in _metrics(single)]
     assert len(losses) == 4 and np.allclose([r["loss"] for r in _metrics(split)], losses, rtol=1e-5, atol=0)
+    # Adam moves an element whose gradient is at fp32 noise level by up to lr per step, in either direction: the
+    # bound is 4 steps x lr 1e-3 (the reward run's score-head gradients are summed over sequence shards).
     a, b = _weights(single), _weights(split)
-    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=2e-5) for k in a)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=0, atol=4e-3) for k in a)
