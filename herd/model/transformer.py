@@ -284,10 +284,7 @@ class Transformer(nn.Module):
             queries_from = first_column(logits_at)
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers.values()):
-            if i == last and queries_from:
-                h = layer(h, cos, sin, mask, cache, cache_pos, i, queries_from=queries_from)
-            else:
-                h = layer(h, cos, sin, mask, cache, cache_pos, i)
+            h = layer(h, cos, sin, mask, cache, cache_pos, i, queries_from=queries_from if i == last else 0)
         if last_only:
             h = h[:, -1:]
         elif isinstance(logits_at, Tensor):

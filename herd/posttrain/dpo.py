@@ -166,11 +166,11 @@ def reference_logprobs(model: torch.nn.Module, examples: list[EncodedPreference]
     for i in range(0, len(examples), batch_size):
         pairs = pair_rows(examples[i:i + batch_size], tokenizer, mask_formatting)
         rows = pairs.rows
-        targets = DPOTargets(*pairs.sites, torch.zeros(2 * rows.inputs.size(0)), torch.tensor(0.0))
+        targets = DPOTargets(*pairs.sites, torch.zeros(2 * rows.inputs.size(0)), torch.tensor(0.0)).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
             logits = model(rows.inputs.to(device), **pair_inputs(rows.positions, rows.branch, targets, device))
-            site_logps = losses.token_logprobs(logits, targets.label.to(device)).float()
-        policy, _ = sequence_sums(site_logps, targets.to(device))
+            site_logps = site_logprobs(logits, targets).float()
+        policy, _ = sequence_sums(site_logps, targets)
         out.append(torch.stack(policy.cpu().chunk(2), dim=1))
     return torch.cat(out)
 

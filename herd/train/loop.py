@@ -359,8 +359,7 @@ class Trainer:
         trained = sum(int(self.task.count(b.targets)) for b in batches)
         if any(b.n_tokens is None for b in batches):
             return self.world.sum_over_dp(trained), self.cfg.data.batch_size * self.cfg.data.seq_len
-        trained, tokens = self.world.sums_over_dp([trained, sum(b.n_tokens for b in batches)])
-        return trained, tokens
+        return tuple(self.world.sums_over_dp([trained, sum(b.n_tokens for b in batches)]))
 
     def _pipeline_loss(self, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self.task.loss(output, targets)[0] * self.scale * self.poison

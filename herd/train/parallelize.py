@@ -222,7 +222,7 @@ def apply_tensor_parallel(model: Transformer, tp_mesh) -> None:
     blocks stays sharded on the sequence, ``[B, S / tp, dim]``. Attention reads its local head count from the
     projections' widths, so the modules are not edited.
     Parts a pipeline stage does not hold (None) are skipped."""
-    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
         PrepareModuleInput,
@@ -262,8 +262,6 @@ def apply_tensor_parallel(model: Transformer, tp_mesh) -> None:
         })
     # Parameters no plan covers (a reward model's score head) are replicated on the tensor-parallel mesh: every
     # parameter is then a DTensor, and its gradient is reduced over the sequence shards like the norms'.
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
     for module in model.modules():
         for name, param in list(module.named_parameters(recurse=False)):
             if not isinstance(param, DTensor):
